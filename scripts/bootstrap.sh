@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything orama-stealth, its tests, the lab node and the benchmark need on a Debian 12
+# machine: Debian packages, then this project and its Python dependencies into the current Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  coturn            # the TURN server the probes and the lab talk to
+  haproxy wrk nginx-light   # benchmark baseline, load generator, TLS origin
+  systemd-container mmdebstrap iproute2 openssh-client   # the lab node
+  curl openssl ca-certificates
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# Debian starts packaged daemons where systemd runs; the project starts its own instances.
+for svc in coturn haproxy nginx; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+done
+
+python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+echo "bootstrap: done ($(python3 --version), caddy $(caddy version | cut -d' ' -f1))"
