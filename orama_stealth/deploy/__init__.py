@@ -1,0 +1,1 @@
+"""pyinfra facts and operations that the deploys in `deploys/` import."""

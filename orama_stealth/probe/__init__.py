@@ -1,0 +1,1 @@
+"""Probes that speak real TLS, HTTPS, STUN and TURN through :443."""
