@@ -28,4 +28,11 @@ for svc in coturn haproxy nginx; do
 done
 
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+# The deploy installs the router on nodes from uploaded wheels (many nodes reach no package
+# index), so fetch the router's runtime wheels for the nodes' platform now, at install time.
+python3 -m pip download -q --disable-pip-version-check --dest build/wheelhouse \
+  --only-binary=:all: --implementation cp --python-version 3.11 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+  'pyyaml>=6' 'uvloop>=0.19' pip
 echo "bootstrap: done ($(python3 --version), caddy $(caddy version | cut -d' ' -f1))"
