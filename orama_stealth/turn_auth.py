@@ -1,0 +1,101 @@
+"""TURN REST credentials (coturn `use-auth-secret`) and the stealth host name.
+
+Username `<unix-expiry>:<user>`, password `base64(HMAC-SHA1(secret, username))`: the gateway
+hands these out, coturn checks them with only the shared secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class CredentialError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCredential:
+    username: str
+    password: str
+    ttl: int
+    expires: int
+
+
+def rest_password(secret: str | bytes, username: str) -> str:
+    key = secret.encode() if isinstance(secret, str) else secret
+    digest = hmac.new(key, username.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def rest_credential(
+    secret: str | bytes, user: str, ttl: int = 600, now: float | None = None
+) -> TurnCredential:
+    if ttl <= 0:
+        raise CredentialError(f"ttl must be a positive number of seconds, got {ttl}")
+    if ":" in user:
+        raise CredentialError(f"user must not contain ':' (it separates the expiry), got {user!r}")
+    expires = int(time.time() if now is None else now) + ttl
+    username = f"{expires}:{user}"
+    return TurnCredential(username, rest_password(secret, username), ttl, expires)
+
+
+def read_secret(path: str | Path) -> str:
+    """The shared secret from a file: first line, surrounding whitespace stripped."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CredentialError(f"{p}: cannot read the TURN shared secret: {e.strerror}") from e
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise CredentialError(f"{p}: empty, expected the TURN shared secret on the first line")
+    return lines[0].strip()
+
+
+def _check_host(name: str, what: str) -> str:
+    host = name.strip().lower().rstrip(".")
+    labels = host.split(".")
+    if not host or not all(_LABEL.match(label) for label in labels):
+        raise CredentialError(f"{what}: expected a DNS name like example.com, got {name!r}")
+    return host
+
+
+def turn_uris(turn_host: str, cdn_host: str | None) -> list[str]:
+    """The ladder browsers try in order; the stealth rung on :443 goes last."""
+    h = _check_host(turn_host, "turn host")
+    uris = [
+        f"turn:{h}:3478?transport=udp",
+        f"turn:{h}:3478?transport=tcp",
+        f"turns:{h}:5349",
+    ]
+    if cdn_host:
+        uris.append(f"turns:{_check_host(cdn_host, 'cdn host')}:443")
+    return uris
+
+
+def gateway_response(
+    cred: TurnCredential, turn_host: str, cdn_host: str | None
+) -> dict[str, object]:
+    return {
+        "username": cred.username,
+        "password": cred.password,
+        "ttl": cred.ttl,
+        "uris": turn_uris(turn_host, cdn_host),
+    }
+
+
+def stealth_host(namespace: str, base: str) -> str:
+    """`cdn-` + 12 hex of sha256(namespace) + `.` + base: one label, so `*.base` covers it,
+    and the name does not tell an observer which namespace it serves."""
+    if not namespace:
+        raise CredentialError("namespace must not be empty")
+    digest = hashlib.sha256(namespace.encode("utf-8")).hexdigest()[:12]
+    return f"cdn-{digest}.{_check_host(base, 'base domain')}"
