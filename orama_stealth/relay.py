@@ -1,0 +1,245 @@
+"""Pumping ciphertext between a client and its backend: one `Half` per direction.
+
+Why it looks like this (figures in docs/router.md):
+- No coroutine, no StreamReader, no transport per connection: the loop calls `on_readable` when
+  the source socket has bytes; it `recv_into`s one buffer shared by the whole worker and `send`s
+  straight on. An idle connection therefore holds no buffer at all.
+- Flow control is structural: when the destination does not take everything, the remainder (at
+  most one read) is kept, reading from the source stops and a writer callback waits for the
+  destination; reading resumes only once it is flushed.
+- Half-close: EOF from one side becomes shutdown(SHUT_WR) on the other once everything before it
+  was delivered; the connection closes when both directions are done.
+- Bulk: after a few reads that filled the whole buffer, the direction switches to splice(2)
+  through a pipe, so the kernel moves the bytes without copying them through Python.
+- Idle detection is a flag set per read and checked by a coarse periodic sweep, never a timer
+  reset per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from orama_stealth.metrics import Stats
+
+if TYPE_CHECKING:
+    from orama_stealth.worker import Conn
+
+BUFSIZE = 1 << 16
+# Full reads in a row before a direction counts as bulk and moves to splice(2).
+BULK_READS = 4
+_BUF = bytearray(BUFSIZE)
+_MV = memoryview(_BUF)
+_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = (
+    getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _SPLICE else 0
+)
+_AGAIN = (BlockingIOError, InterruptedError)
+
+
+def splice_available() -> bool:
+    return _SPLICE
+
+
+class Half:
+    """One direction of a routed connection: bytes from `src` to `dst`."""
+
+    __slots__ = (
+        "active",
+        "conn",
+        "dfd",
+        "done",
+        "dst",
+        "eof",
+        "full",
+        "inpipe",
+        "loop",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "sfd",
+        "src",
+        "stats",
+        "upward",
+    )
+
+    def __init__(
+        self,
+        conn: Conn,
+        src: socket.socket,
+        dst: socket.socket,
+        upward: bool,
+        loop: asyncio.AbstractEventLoop,
+        stats: Stats,
+    ) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.sfd = src.fileno()
+        self.dfd = dst.fileno()
+        self.upward = upward
+        self.loop = loop
+        self.stats = stats
+        self.pending: bytes | bytearray = b""
+        self.eof = False
+        self.done = False
+        self.full = 0
+        self.active = True
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.inpipe = 0
+
+    # --- start -------------------------------------------------------------------------------
+
+    def start(self, first: bytes = b"") -> None:
+        """Begin pumping, after sending `first` (PROXY header and replayed hello) to `dst`."""
+        if first:
+            try:
+                sent = self.dst.send(first)
+            except _AGAIN:
+                sent = 0
+            except OSError:
+                self.conn.close()
+                return
+            if sent < len(first):
+                self.pending = first[sent:]
+                self.loop.add_writer(self.dfd, self.on_writable)
+                return
+        self.loop.add_reader(self.sfd, self.on_readable)
+
+    # --- copying through Python --------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            n = self.src.recv_into(_BUF)
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close()
+            return
+        if n == 0:
+            self._src_eof()
+            return
+        self.active = True
+        if self.upward:
+            self.stats.bytes_up += n
+        else:
+            self.stats.bytes_down += n
+        try:
+            sent = self.dst.send(_MV[:n])
+        except _AGAIN:
+            sent = 0
+        except OSError:
+            self.conn.close()
+            return
+        if sent < n:
+            self.pending = _BUF[sent:n]
+            self.loop.remove_reader(self.sfd)
+            self.loop.add_writer(self.dfd, self.on_writable)
+            return
+        if n == BUFSIZE:
+            self.full += 1
+            if self.full >= BULK_READS and _SPLICE:
+                self._to_splice()
+        else:
+            self.full = 0
+
+    def on_writable(self) -> None:
+        try:
+            sent = self.dst.send(self.pending)
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close()
+            return
+        if sent < len(self.pending):
+            self.pending = self.pending[sent:]
+            return
+        self.pending = b""
+        self.loop.remove_writer(self.dfd)
+        if self.eof:
+            self._finish()
+        else:
+            self.loop.add_reader(self.sfd, self.on_readable)
+
+    # --- end of one direction ----------------------------------------------------------------
+
+    def _src_eof(self) -> None:
+        self.loop.remove_reader(self.sfd)
+        self.eof = True
+        if not self.pending and not self.inpipe:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        with contextlib.suppress(OSError):
+            self.dst.shutdown(socket.SHUT_WR)
+        self.conn.half_done()
+
+    def stop(self) -> None:
+        """Unregister callbacks and release the pipe; the sockets belong to the connection."""
+        loop = self.loop
+        loop.remove_reader(self.sfd)
+        loop.remove_writer(self.dfd)
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+        self.pending = b""
+
+    # --- bulk: splice(2) through a pipe ------------------------------------------------------
+
+    def _to_splice(self) -> None:
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of descriptors: keep copying, it still works
+        self.stats.splice_switches += 1
+        self.loop.remove_reader(self.sfd)
+        self.loop.add_reader(self.sfd, self.on_splice_readable)
+
+    def on_splice_readable(self) -> None:
+        try:
+            n = os.splice(self.sfd, self.pipe_w, BUFSIZE, flags=_SPLICE_FLAGS)
+        except _AGAIN:
+            return
+        except OSError:
+            self.conn.close()
+            return
+        if n == 0:
+            self._src_eof()
+            return
+        self.active = True
+        if self.upward:
+            self.stats.bytes_up += n
+        else:
+            self.stats.bytes_down += n
+        self.inpipe = n
+        if self._drain_pipe() and self.inpipe:
+            self.loop.remove_reader(self.sfd)
+            self.loop.add_writer(self.dfd, self.on_splice_writable)
+
+    def _drain_pipe(self) -> bool:
+        """Move what the pipe holds to dst; False when the connection was closed."""
+        while self.inpipe:
+            try:
+                m = os.splice(self.pipe_r, self.dfd, self.inpipe, flags=_SPLICE_FLAGS)
+            except _AGAIN:
+                return True
+            except OSError:
+                self.conn.close()
+                return False
+            self.inpipe -= m
+        return True
+
+    def on_splice_writable(self) -> None:
+        if not self._drain_pipe() or self.inpipe:
+            return
+        self.loop.remove_writer(self.dfd)
+        if self.eof:
+            self._finish()
+        else:
+            self.loop.add_reader(self.sfd, self.on_splice_readable)

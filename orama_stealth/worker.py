@@ -1,0 +1,615 @@
+"""One worker process: accept, admit, peek the ClientHello, dial, then hand over to `relay`.
+
+Each connection is a `Conn` state machine driven by loop callbacks (hello -> dial -> relay); the
+only timers are one deadline per connection while it is being set up, plus worker-wide ticks for
+idle detection and for publishing counters. The route table is a single reference that a reload
+replaces; a connection reads it once, when its hello is complete, so swapping never disturbs
+connections in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import importlib
+import ipaddress
+import os
+import pickle
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from orama_stealth.admission import REFUSED_GLOBAL, Admission, address_key
+from orama_stealth.clienthello import (
+    ClientHelloReader,
+    HelloError,
+    Malformed,
+    NoSNI,
+    NotTLS,
+    TooLarge,
+    Truncated,
+)
+from orama_stealth.config import Backend, Listener, RouterConfig
+from orama_stealth.logs import Logger
+from orama_stealth.metrics import Stats, StatsRegion
+from orama_stealth.relay import Half
+from orama_stealth.routes import RouteTable
+
+HELLO_RECV = 1 << 15
+ACCEPT_BATCH = 64
+# First retry of a refused dial; doubles up to the cap, always within backend_dial_timeout.
+RETRY_FIRST = 0.02
+RETRY_CAP = 0.25
+PUBLISH_EVERY = 0.25
+_RETRYABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED)
+MSG_HEADER = struct.Struct("!cI")  # kind, length
+
+AddrInfo = list[tuple[Any, Any, Any, Any, Any]]
+ProxyEncoder = Callable[[str, tuple[str, int], tuple[str, int]], bytes]
+
+
+def _hello_reason(e: HelloError) -> str:
+    if isinstance(e, Truncated):
+        return "truncated"
+    if isinstance(e, TooLarge):
+        return "too_large"
+    if isinstance(e, Malformed):
+        return "malformed"
+    if isinstance(e, NotTLS):
+        return "not_tls"
+    return "invalid"
+
+
+def plain_ip(ip: str) -> str:
+    """IPv4-mapped IPv6 (what a dual-stack socket reports) as plain IPv4; scope ids dropped."""
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip.split("%", 1)[0]
+
+
+def _proxy_encoder() -> ProxyEncoder:
+    module = importlib.import_module("orama_stealth.proxyproto")
+    encode: ProxyEncoder = module.encode
+    return encode
+
+
+class Conn:
+    """One client connection, from accept to close."""
+
+    __slots__ = (
+        "backend",
+        "bfd",
+        "bsock",
+        "cfd",
+        "closed",
+        "csock",
+        "down",
+        "head",
+        "idle_since",
+        "ip",
+        "key",
+        "last_error",
+        "listener",
+        "port",
+        "reader",
+        "retry",
+        "timer",
+        "tracked",
+        "up",
+        "w",
+    )
+
+    def __init__(
+        self, w: Worker, csock: socket.socket, ip: str, port: int, key: bytes, tracked: bool,
+        listener: Listener,
+    ) -> None:
+        self.w = w
+        self.csock = csock
+        self.cfd = csock.fileno()
+        self.bsock: socket.socket | None = None
+        self.bfd = -1
+        self.ip = ip
+        self.port = port
+        self.key = key
+        self.tracked = tracked
+        self.listener = listener
+        self.reader: ClientHelloReader | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.retry: asyncio.TimerHandle | None = None
+        self.backend: Backend | None = None
+        self.head = b""
+        self.up: Half | None = None
+        self.down: Half | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.last_error = ""
+
+    # --- hello -------------------------------------------------------------------------------
+
+    def start_hello(self) -> None:
+        w = self.w
+        self.reader = ClientHelloReader()
+        w.loop.add_reader(self.cfd, self._on_hello)
+        self.timer = w.loop.call_later(w.cfg.client_hello_timeout, self._hello_timeout)
+
+    def _on_hello(self) -> None:
+        reader = self.reader
+        if reader is None:
+            return
+        try:
+            data = self.csock.recv(HELLO_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._hello_failed("reset", str(e))
+            return
+        table = self.w.table
+        try:
+            hello = reader.feed_eof() if not data else reader.feed(data)
+            if hello is None:
+                return
+            backend, _rule = table.pick(hello.sni, hello.alpn)
+            head = hello.raw
+        except NoSNI as e:
+            backend, _rule = table.pick(None, e.hello.alpn)
+            head = e.hello.raw
+        except NotTLS as e:
+            if self.w.cfg.non_tls != "fallback":
+                self._hello_failed("not_tls", e.message)
+                return
+            backend = table.pick(None)[0]
+            head = e.consumed
+        except HelloError as e:
+            self._hello_failed(_hello_reason(e), e.message)
+            return
+        self.reader = None
+        self.w.loop.remove_reader(self.cfd)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.dial(backend, head)
+
+    def _hello_timeout(self) -> None:
+        self.timer = None
+        limit = self.w.cfg.client_hello_timeout
+        self._hello_failed("timeout", f"no complete ClientHello within {limit:g}s")
+
+    def _hello_failed(self, reason: str, detail: str) -> None:
+        w = self.w
+        w.stats.hello_failures[reason] += 1
+        w.log.limited(
+            "hello_failed", "ClientHello peek failed", reason=reason,
+            client=f"{self.ip}:{self.port}", detail=detail[:160],
+        )
+        self.close()
+
+    # --- dial --------------------------------------------------------------------------------
+
+    def dial(self, backend: Backend, head: bytes) -> None:
+        self.backend = backend
+        self.head = head
+        loop = self.w.loop
+        self.timer = loop.call_later(self.w.cfg.backend_dial_timeout, self._dial_timeout)
+        self._connect()
+
+    def _connect(self) -> None:
+        self.retry = None
+        if self.closed:
+            return
+        backend = self.backend
+        assert backend is not None
+        target = self.w.resolve(backend, self._connect)
+        if target is None:
+            return  # resolving; _connect runs again when the answer is in
+        if isinstance(target, str):
+            self._dial_failed(target)
+            return
+        family, sockaddr = target
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            self._dial_failed(str(e))
+            return
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.bsock = s
+        self.bfd = s.fileno()
+        err = s.connect_ex(sockaddr)
+        if err == 0:
+            self._connected()
+        elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            self.w.loop.add_writer(self.bfd, self._on_connect)
+        else:
+            self._connect_error(err)
+
+    def _on_connect(self) -> None:
+        self.w.loop.remove_writer(self.bfd)
+        assert self.bsock is not None
+        err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            self._connected()
+        else:
+            self._connect_error(err)
+
+    def _drop_backend(self) -> None:
+        if self.bsock is not None:
+            self.w.loop.remove_writer(self.bfd)
+            self.bsock.close()
+            self.bsock = None
+            self.bfd = -1
+
+    def _connect_error(self, err: int) -> None:
+        self._drop_backend()
+        self.last_error = os.strerror(err)
+        # A backend restarting refuses for a moment: retry until the deadline, so a restart
+        # costs latency rather than a failed connection.
+        if self.timer is not None and err in _RETRYABLE:
+            remaining = self.timer.when() - self.w.loop.time()
+            delay = min(RETRY_CAP, max(RETRY_FIRST, remaining / 20), remaining)
+            if delay > 0:
+                self.retry = self.w.loop.call_later(delay, self._connect)
+                return
+        self._dial_failed(self.last_error)
+
+    def _dial_timeout(self) -> None:
+        self.timer = None
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        self._drop_backend()
+        reason = f"timeout after {self.w.cfg.backend_dial_timeout:g}s"
+        if self.last_error:
+            reason += f" (last error: {self.last_error})"
+        self._dial_failed(reason)
+
+    def _dial_failed(self, reason: str) -> None:
+        w = self.w
+        backend = self.backend
+        assert backend is not None
+        w.stats.dial_failures[backend.name] += 1
+        w.log.limited(
+            "dial_failed", "backend dial failed", backend=backend.name, addr=backend.addr,
+            reason=reason, client=f"{self.ip}:{self.port}",
+        )
+        self.close()
+
+    def _connected(self) -> None:
+        w = self.w
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        backend = self.backend
+        bsock = self.bsock
+        assert backend is not None and bsock is not None
+        first = self.head
+        self.head = b""
+        if backend.proxy_protocol:
+            try:
+                local = self.csock.getsockname()
+                header = w.proxy_encode(
+                    backend.proxy_protocol, (self.ip, self.port), (plain_ip(local[0]), local[1])
+                )
+            except (OSError, ValueError) as e:
+                self._dial_failed(f"cannot build PROXY header: {e}")
+                return
+            first = header + first
+        w.stats.conns[backend.name] += 1
+        self.idle_since = w.loop.time()
+        self.up = Half(self, self.csock, bsock, True, w.loop, w.stats)
+        self.down = Half(self, bsock, self.csock, False, w.loop, w.stats)
+        self.up.start(first)
+        if not self.closed:
+            self.down.start()
+
+    # --- end ---------------------------------------------------------------------------------
+
+    def half_done(self) -> None:
+        up, down = self.up, self.down
+        if up is not None and down is not None and up.done and down.done:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        w = self.w
+        loop = w.loop
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.up is not None:
+            self.up.stop()
+        if self.down is not None:
+            self.down.stop()
+        if self.reader is not None:
+            loop.remove_reader(self.cfd)
+            self.reader = None
+        self.up = self.down = None
+        self._drop_backend()
+        self.csock.close()
+        w.conn_closed(self)
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        cfg: RouterConfig,
+        listeners: list[tuple[Listener, socket.socket]],
+        admission: Admission,
+        region: StatsRegion,
+        control: socket.socket,
+        log: Logger,
+    ) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.table = RouteTable.from_config(cfg)
+        self.listeners = listeners
+        self.admission = admission
+        self.region = region
+        self.control = control
+        self.log = log
+        self.stats = Stats()
+        self.conns: set[Conn] = set()
+        self.draining = False
+        self.loop_name = "asyncio"
+        self.loop: asyncio.AbstractEventLoop = self._new_loop()
+        self._control_buf = b""
+        self._resolved: dict[str, tuple[float, tuple[int, tuple[str, int]] | str]] = {}
+        self._resolving: dict[str, list[Callable[[], None]]] = {}
+        self._proxy_encode: ProxyEncoder | None = None
+        self.exit_code = 0
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            import uvloop
+
+            self.loop_name = "uvloop"
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+        except ImportError:
+            return asyncio.new_event_loop()
+
+    @property
+    def proxy_encode(self) -> ProxyEncoder:
+        if self._proxy_encode is None:
+            self._proxy_encode = _proxy_encoder()
+        return self._proxy_encode
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain)
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        for listener, sock in self.listeners:
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._on_accept, sock, listener)
+        self.control.setblocking(False)
+        loop.add_reader(self.control.fileno(), self._on_control)
+        self._send_control(f"ready {self.loop_name}\n".encode())
+        loop.call_later(PUBLISH_EVERY, self._tick)
+        if self.cfg.idle_timeout > 0:
+            loop.call_later(self._sweep_interval(), self._sweep)
+        try:
+            loop.run_forever()
+        finally:
+            self._publish()
+            loop.close()
+        return self.exit_code
+
+    def _send_control(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.control.send(data)
+
+    def _tick(self) -> None:
+        self._publish()
+        self.log.flush_suppressed()
+        self.loop.call_later(PUBLISH_EVERY, self._tick)
+
+    def _publish(self) -> None:
+        snap = self.stats.snapshot()
+        snap["tracked"] = self.admission.tracked() if self.region.workers == 1 else 0
+        self.region.publish(self.index, snap)
+
+    def drain(self) -> None:
+        """Stop accepting; live connections may finish until drain_timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        for _listener, sock in self.listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.log.info(
+            "worker_draining", "draining connections", worker=self.index, live=len(self.conns),
+            drain_timeout=self.cfg.drain_timeout,
+        )
+        if not self.conns:
+            self.loop.stop()
+            return
+        self.loop.call_later(self.cfg.drain_timeout, self._drain_deadline)
+
+    def _drain_deadline(self) -> None:
+        left = len(self.conns)
+        if left:
+            self.log.info(
+                "drain_timeout", "drain timeout reached, closing remaining connections",
+                worker=self.index, closed=left,
+            )
+        for conn in list(self.conns):
+            conn.close()
+        self.loop.stop()
+
+    def conn_closed(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+        self.stats.active -= 1
+        self.admission.release(conn.key, conn.tracked)
+        if self.draining and not self.conns:
+            self.loop.stop()
+
+    # --- control messages from the supervisor ------------------------------------------------
+
+    def _on_control(self) -> None:
+        try:
+            data = self.control.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The supervisor is gone: nobody will restart or reload us, so wind down.
+            self.loop.remove_reader(self.control.fileno())
+            self.drain()
+            return
+        self._control_buf += data
+        while len(self._control_buf) >= MSG_HEADER.size:
+            kind, length = MSG_HEADER.unpack_from(self._control_buf)
+            end = MSG_HEADER.size + length
+            if len(self._control_buf) < end:
+                return
+            body = self._control_buf[MSG_HEADER.size : end]
+            self._control_buf = self._control_buf[end:]
+            if kind == b"C":
+                self.apply(pickle.loads(body))
+
+    def apply(self, cfg: RouterConfig) -> None:
+        """Swap in a reloaded config: new connections use it, live ones are untouched."""
+        self.table = RouteTable.from_config(cfg)
+        self.admission.set_limits(cfg.max_concurrent_conns, cfg.max_conns_per_ip)
+        had_idle = self.cfg.idle_timeout > 0
+        self.cfg = cfg
+        if cfg.idle_timeout > 0 and not had_idle:
+            self.loop.call_later(self._sweep_interval(), self._sweep)
+
+    # --- accept ------------------------------------------------------------------------------
+
+    def _on_accept(self, lsock: socket.socket, listener: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                csock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.limited(
+                        "accept_failed", "accept failed", listener=listener.name, reason=str(e)
+                    )
+                    self._pause_accept(lsock, listener)
+                return
+            self._admit(csock, addr, listener)
+
+    def _pause_accept(self, lsock: socket.socket, listener: Listener) -> None:
+        """Out of descriptors: stop accepting for a moment instead of spinning on the error."""
+        fd = lsock.fileno()
+        self.loop.remove_reader(fd)
+
+        def resume() -> None:
+            if not self.draining and lsock.fileno() >= 0:
+                self.loop.add_reader(fd, self._on_accept, lsock, listener)
+
+        self.loop.call_later(0.1, resume)
+
+    def _admit(self, csock: socket.socket, addr: tuple[str, int], listener: Listener) -> None:
+        ip = plain_ip(addr[0])
+        key = address_key(ip)
+        verdict, tracked = self.admission.admit(key)
+        if verdict:
+            scope = "global" if verdict == REFUSED_GLOBAL else "per_ip"
+            self.stats.refused[scope] += 1
+            limit = self.admission.max_total if scope == "global" else self.admission.max_per_ip
+            self.log.limited(
+                "conn_limit", "Connection limit reached", limit=scope, max=limit,
+                client=f"{ip}:{addr[1]}", listener=listener.name,
+            )
+            csock.close()
+            return
+        csock.setblocking(False)
+        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Conn(self, csock, ip, addr[1], key, tracked, listener)
+        self.conns.add(conn)
+        self.stats.active += 1
+        if listener.backend is not None and listener.mode == "tcp":
+            conn.dial(listener.backend, b"")
+        else:
+            conn.start_hello()
+
+    # --- backend addresses -------------------------------------------------------------------
+
+    def resolve(
+        self, backend: Backend, then: Callable[[], None]
+    ) -> tuple[int, tuple[str, int]] | str | None:
+        """(family, sockaddr), an error text, or None while a name is being resolved."""
+        key = backend.addr
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        host = backend.host
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            target: tuple[int, tuple[str, int]] = (fam, (host, backend.port))
+            self._resolved[key] = (float("inf"), target)
+            return target
+        waiting = self._resolving.get(key)
+        if waiting is not None:
+            waiting.append(then)
+            return None
+        self._resolving[key] = [then]
+        port = backend.port
+        fut = asyncio.ensure_future(
+            self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), loop=self.loop
+        )
+        fut.add_done_callback(lambda f: self._resolved_cb(key, host, port, f))
+        return None
+
+    def _resolved_cb(
+        self, key: str, host: str, port: int, fut: asyncio.Future[AddrInfo]
+    ) -> None:
+        answer: tuple[int, tuple[str, int]] | str
+        try:
+            info = fut.result()[0]
+            answer = (int(info[0]), (str(info[4][0]), port))
+            ttl = 30.0
+        except (OSError, IndexError) as e:
+            answer = f"cannot resolve {host}: {e}"
+            ttl = 1.0
+        self._resolved[key] = (time.monotonic() + ttl, answer)
+        for cb in self._resolving.pop(key, []):
+            cb()
+
+    # --- idle sweep --------------------------------------------------------------------------
+
+    def _sweep_interval(self) -> float:
+        return min(5.0, max(0.05, self.cfg.idle_timeout / 10))
+
+    def _sweep(self) -> None:
+        idle = self.cfg.idle_timeout
+        if idle <= 0:
+            return
+        now = self.loop.time()
+        expired: list[Conn] = []
+        for conn in self.conns:
+            up, down = conn.up, conn.down
+            if up is None or down is None:
+                continue
+            if up.active or down.active:
+                up.active = down.active = False
+                conn.idle_since = now
+            elif now - conn.idle_since >= idle:
+                expired.append(conn)
+        for conn in expired:
+            self.stats.idle_closed += 1
+            conn.close()
+        self.loop.call_later(self._sweep_interval(), self._sweep)
