@@ -1,13 +1,172 @@
-"""Subcommands of `orama-stealth` for this area."""
+"""`orama-stealth lab up|down|status|ssh|build|clean`: the lab node from the command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
-Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+from orama_stealth.lab import image, nodeconf
+from orama_stealth.lab.node import DEFAULT_STATE_DIR, LabError, LabNode, recorded_index
+from orama_stealth.lab.nspawn import NspawnError
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _node(args: argparse.Namespace) -> LabNode:
+    state = Path(args.dir)
+    index = args.index
+    if index is None:
+        # status/down/ssh find the node where the last `up` put it.
+        index = recorded_index(args.name, state) if args.lab_command != "up" else None
+    return LabNode(
+        args.name, 0 if index is None else index, state,
+        base_domain=getattr(args, "base_domain", nodeconf.DEFAULT_BASE_DOMAIN),
+        namespace=getattr(args, "namespace", nodeconf.DEFAULT_NAMESPACE),
+        apt_sources=Path(args.apt_sources) if getattr(args, "apt_sources", None) else None,
+        log=_err,
+    )
+
+
+def _guard(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code: int = fn(args)
+        except (LabError, image.ImageError, nodeconf.SpecError, NspawnError, OSError) as e:
+            _err(f"orama-stealth lab {args.lab_command}: error: {e}")
+            return 1
+        return code
+
+    return run
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    node = _node(args)
+    timings = node.up()
+    if args.json:
+        print(json.dumps({**node.status(), "timings": timings}, indent=2))
+    else:
+        st = node.status()
+        print(f"{st['name']} is up at {st['address']} (ssh -F {st['ssh_config']} {st['name']})")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _node(args).down()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    node = _node(args)
+    st = node.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    for key in ("name", "running", "address", "ssh_config", "base_domain", "cdn_hosts",
+                "ca_file", "turn_secret_file"):
+        print(f"{key}: {st[key]}")
+    if st["running"]:
+        proc = node.ssh("systemctl is-system-running; systemctl is-active caddy coturn", timeout=20)
+        print("systemd/caddy/coturn: " + " ".join(proc.stdout.split()))
+    return 0 if st["running"] or not args.check else 3
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    node = _node(args)
+    words = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    # Like ssh itself: the words are joined and the node's shell parses them.
+    argv = node.ssh_argv(" ".join(words))
+    if not words:
+        argv.insert(1, "-t")
+    os.execvp(argv[0], argv)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    state = Path(args.dir)
+    img = image.ensure_image(
+        state / "cache", Path(args.apt_sources) if args.apt_sources else None,
+        force=args.force, log=_err,
+    )
+    print(json.dumps({"rootfs": str(img.rootfs), **img.info}, indent=2))
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    state = Path(args.dir)
+    _node(args).down()
+    nodes_dir = state / "nodes"
+    busy = []
+    if nodes_dir.is_dir():
+        for d in sorted(nodes_dir.iterdir()):
+            if d.is_dir() and LabNode(d.name, recorded_index(d.name, state) or 0, state).pid():
+                busy.append(d.name)
+    if busy:
+        _err(f"orama-stealth lab clean: nodes still running on the cache: {', '.join(busy)}; "
+             "run `down` for them first")
+        return 1
+    for p in image.remove_images(state / "cache"):
+        _err(f"event=lab_clean removed={p}")
+    return 0
 
 
 def register(sub: Any) -> None:
-    """Add this area's subcommands; each sets `handler=callable(args) -> int`."""
-    del sub
+    """Add `lab` and its subcommands; each sets `handler=callable(args) -> int`."""
+    lab = sub.add_parser(
+        "lab", help="a real systemd+sshd+Caddy+coturn test node (systemd-nspawn, needs root)",
+        description="A Debian 12 node booted with systemd-nspawn in its own network namespace, "
+        "in the before-cutover state of an Orama node.",
+    )
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--name", default=nodeconf.DEFAULT_NAME,
+                       help="node name: hostname, netns and machine name (default %(default)s)")
+        p.add_argument("--dir", default=str(DEFAULT_STATE_DIR),
+                       help="state dir: image cache, keys, CA, per-node files "
+                       "(default %(default)s, or $ORAMA_LAB_DIR)")
+        p.add_argument("--index", type=int, default=None,
+                       help=f"0..{nodeconf.MAX_INDEX}: node gets 10.231.(77+N).2/24, host end "
+                       "olabN; default 0 for up, the recorded one otherwise")
+
+    def apt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--apt-sources", default=None,
+                       help="apt sources file for the image (default: the host's)")
+
+    up = lab_sub.add_parser("up", help="boot a fresh node in the before-cutover state")
+    common(up)
+    apt(up)
+    up.add_argument("--base-domain", default=nodeconf.DEFAULT_BASE_DOMAIN)
+    up.add_argument("--namespace", default=nodeconf.DEFAULT_NAMESPACE,
+                    help="namespace whose hashed cdn name gets a certificate")
+    up.add_argument("--json", action="store_true", help="print status and timings as JSON")
+    up.set_defaults(handler=_guard(cmd_up))
+
+    down = lab_sub.add_parser("down", help="stop the node; remove netns, veth, mounts, overlay")
+    common(down)
+    down.set_defaults(handler=_guard(cmd_down))
+
+    status = lab_sub.add_parser("status", help="where the node is and how to reach it")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable (the interface)")
+    status.add_argument("--check", action="store_true", help="exit 3 when not running")
+    status.set_defaults(handler=_guard(cmd_status))
+
+    ssh = lab_sub.add_parser("ssh", help="ssh into the node, or run CMD there")
+    common(ssh)
+    ssh.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run on the node")
+    ssh.set_defaults(handler=_guard(cmd_ssh))
+
+    build = lab_sub.add_parser("build", help="build (or reuse) the cached root filesystem")
+    common(build)
+    apt(build)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(handler=_guard(cmd_build))
+
+    clean = lab_sub.add_parser("clean", help="down the node and delete the cached images")
+    common(clean)
+    clean.set_defaults(handler=_guard(cmd_clean))

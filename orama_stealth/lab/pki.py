@@ -31,7 +31,7 @@ class TestCA:
 
     def __init__(self, common_name: str = "orama-stealth test CA") -> None:
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         self.cert = (
             x509.CertificateBuilder()
@@ -56,6 +56,43 @@ class TestCA:
             .sign(self._key, hashes.SHA256())
         )
 
+    @classmethod
+    def load(cls, cert_file: Path, key_file: Path) -> TestCA:
+        """A CA saved earlier with `write_ca` + `write_key`, so it can issue again."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{cert_file}: not a readable PEM CA certificate: {e}") from e
+        try:
+            key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{key_file}: not a readable unencrypted PEM key: {e}") from e
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{key_file}: expected an EC private key, got {type(key).__name__}")
+        pub = cert.public_key()
+        if (
+            not isinstance(pub, ec.EllipticCurvePublicKey)
+            or pub.public_numbers() != key.public_key().public_numbers()
+        ):
+            raise ValueError(f"{key_file}: key does not match the certificate in {cert_file}")
+        ca = cls.__new__(cls)
+        ca._key = key
+        ca.cert = cert
+        return ca
+
+    def write_key(self, path: Path) -> Path:
+        """The CA's private key, unencrypted PEM, mode 0600."""
+        path.write_bytes(b"")
+        path.chmod(0o600)
+        path.write_bytes(
+            self._key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return path
+
     @property
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
@@ -70,7 +107,7 @@ class TestCA:
     ) -> IssuedCert:
         """Issue a server certificate for DNS names and/or IP addresses."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = []
         for n in names:
             try:

@@ -1,0 +1,82 @@
+"""Boot and stop one systemd-nspawn container, tracked by the PID of its nspawn process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+class NspawnError(RuntimeError):
+    pass
+
+
+def boot(root: Path, machine: str, netns_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start `systemd-nspawn --boot` detached from our terminal and session.
+
+    The host has no system bus, hence `--register=no --keep-unit`; `--console=passive` and
+    stdin from /dev/null let it run without a terminal (CI, a pytest process).
+    """
+    argv = [
+        "systemd-nspawn", "--boot", "--quiet",
+        f"--directory={root}", f"--machine={machine}",
+        f"--network-namespace-path={netns_path}",
+        "--register=no", "--keep-unit", "--link-journal=no", "--console=passive",
+    ]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def is_ours(pid: int, machine: str) -> bool:
+    """True if `pid` is a live (not zombie) systemd-nspawn for `machine`; guards PID reuse."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    if state in ("Z", "X"):
+        return False
+    return (
+        bool(cmdline) and cmdline[0].endswith(b"systemd-nspawn")
+        and f"--machine={machine}".encode() in cmdline
+    )
+
+
+def _reap(pid: int) -> None:
+    # Only our own child can be reaped; for a PID started by an earlier CLI run this is a no-op.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop(pid: int, machine: str, timeout: float = 30.0) -> str:
+    """SIGTERM (nspawn turns it into a clean halt of the node's systemd), SIGKILL on timeout.
+
+    Returns how it ended: "absent", "halted" or "killed".
+    """
+    _reap(pid)
+    if not is_ours(pid, machine):
+        return "absent"
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not is_ours(pid, machine):
+            return "halted"
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not is_ours(pid, machine):
+            return "killed"
+        time.sleep(0.05)
+    raise NspawnError(f"systemd-nspawn pid {pid} for {machine} survived SIGKILL")
