@@ -48,3 +48,11 @@ def test_turn_against_caddy_is_not_a_turn_server(web_server: CaddyServer, ca_fil
         assert check.details["not_turn_server"] is True
     tls = report.check("tls")
     assert tls is not None and tls.ok
+
+
+def test_alpn_is_offered_and_reported(web_server: CaddyServer, ca_file: Path) -> None:
+    report = run_probe(ProbeSpec(web_server.host, web_server.https_port, sni=WWW,
+                                 alpn=("h2", "http/1.1"), ca_file=str(ca_file)))
+    tls = report.check("tls")
+    assert tls is not None and tls.ok, tls and tls.error
+    assert tls.details["alpn"] == "h2"
