@@ -1,4 +1,4 @@
-"""Acceptance: real clients (Python ssl, curl, openssl s_client) reach the backend their SNI names."""
+"""Acceptance: real clients (Python ssl, curl, openssl) reach the backend their SNI names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.router import Router, router
 from support.tls_backends import Backend, Pki, backends, hello, make_pki, parse_ident
 

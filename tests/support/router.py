@@ -90,9 +90,9 @@ class Router:
             if len(hits) >= count:
                 return hits[count - 1]
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
                 raise AssertionError(
-                    f"no {count} log line(s) matching {pattern!r} (router "
-                    f"{'exited ' + str(self.proc.returncode) if self.proc.poll() is not None else 'running'})"
+                    f"no {count} log line(s) matching {pattern!r} (router {state})"
                     f"\n--- {self.log} ---\n{self.log_text()[-4000:]}"
                 )
             time.sleep(0.05)
@@ -117,7 +117,7 @@ class Router:
             return str(resp.read().decode())
 
     def metrics(self) -> dict[str, float]:
-        """Samples by full name with labels, e.g. `orama_sni_router_limit_refusals_total{limit="global"}`."""
+        """Samples by full name with labels: `orama_sni_router_bytes_total{direction="..."}`."""
         out: dict[str, float] = {}
         for line in self.metrics_text().splitlines():
             if not line or line.startswith("#"):

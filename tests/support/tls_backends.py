@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from orama_stealth.lab.pki import IssuedCert, TestCA
@@ -281,7 +281,7 @@ class Backend:
         src = header.src if header is not None and header.src is not None else peer
         ident = (
             f"backend={self.name} sni={sni or '-'} alpn={alpn or '-'} src={src[0]}:{src[1]}"
-            f" proxy={'v%d' % header.version if header else '-'}\n"
+            f" proxy={f'v{header.version}' if header else '-'}\n"
         ).encode()
         if line == "HELLO":
             chan.sendall(ident)
@@ -330,7 +330,7 @@ def _read_line(chan: _MemTLS | _Plain, limit: int = 8192) -> tuple[str, bytes]:
         if not data:
             break
         buf += data
-        if len(buf) > limit:
+        if len(buf) > limit and b"\n" not in buf:
             raise ValueError("request line too long")
     line, _, rest = buf.partition(b"\n")
     return line.decode("ascii", "replace").rstrip("\r"), rest
@@ -421,7 +421,7 @@ def hello(
 
 
 def shutdown_write(s: socket.socket) -> None:
-    """TCP half-close under TLS: FIN without close_notify, the TLS session stays usable for reads."""
+    """TCP half-close under TLS: FIN without close_notify; the session stays readable."""
     socket.socket.shutdown(s, socket.SHUT_WR)
 
 
