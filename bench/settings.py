@@ -23,7 +23,7 @@ class Settings:
 
 
 FULL = Settings(
-    repetitions=3, w1_connections=32, w1_seconds=8, w1_serial_count=400,
+    repetitions=3, w1_connections=32, w1_seconds=8, w1_serial_count=1000,
     w2_connections=64, w2_seconds=8, warmup_seconds=1, big_size=1 << 30, w3_parallel=8,
     idle_count=9900, idle_clients=2, route_sizes=(10, 1000, 10000), route_lookups=300_000,
 )

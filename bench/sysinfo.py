@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,12 @@ def machine() -> dict[str, str | int]:
             "os": _first_line(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"])}
 
 
+def _version(argv: list[str], pattern: str) -> str:
+    line = _first_line(argv)
+    m = re.search(pattern, line)
+    return m.group(1) if m else line
+
+
 def versions() -> dict[str, str]:
     root = Path(__file__).resolve().parent.parent
     return {
@@ -74,9 +81,9 @@ def versions() -> dict[str, str]:
         "uvloop": _pkg("uvloop"),
         "orama_stealth": _pkg("orama-stealth"),
         "git_commit": _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"]),
-        "haproxy": _first_line([which("haproxy") or "haproxy", "-v"]),
-        "nginx": _first_line([which("nginx") or "nginx", "-v"]),
-        "openssl": _first_line(["openssl", "version"]),
-        "wrk": _first_line([which("wrk") or "wrk", "-v"]),
-        "curl": _first_line(["curl", "--version"]),
+        "haproxy": _version([which("haproxy") or "haproxy", "-v"], r"version (\S+)"),
+        "nginx": _version([which("nginx") or "nginx", "-v"], r"nginx/(\S+)"),
+        "openssl": _version(["openssl", "version"], r"OpenSSL (\S+)"),
+        "wrk": _version([which("wrk") or "wrk", "-v"], r"wrk (?:debian/)?(\S+)"),
+        "curl": _version(["curl", "--version"], r"curl (\S+)"),
     }
