@@ -60,6 +60,8 @@ def check_stun(spec: ProbeSpec) -> CheckResult:
             resp = binding(conn)
     except ProbeFailure as e:
         return _failed("stun", e, details)
+    except stun.StunError as e:
+        return _failed("stun", ProbeFailure("binding", f"malformed STUN answer: {e}"), details)
     mapped = resp.xor_address(stun.XOR_MAPPED_ADDRESS)
     details.update(mapped=_fmt(mapped), software=resp.text(stun.SOFTWARE),
                    fingerprint=resp.check_fingerprint())
@@ -158,6 +160,8 @@ def check_turn(spec: ProbeSpec) -> CheckResult:
             details["stale_nonces"] = a.stale_nonces
     except ProbeFailure as e:
         return _failed("turn", e, details)
+    except stun.StunError as e:
+        return _failed("turn", ProbeFailure("turn", f"malformed STUN answer: {e}"), details)
     summary = (f"Allocate ok (realm {details['realm']!r}), relayed {details['relayed']}, "
                f"CreatePermission, Send/Data round trip via {spec.peer_mode}, Refresh 0")
     return CheckResult("turn", True, summary, None, None, details)
