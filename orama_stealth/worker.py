@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import importlib
 import ipaddress
 import os
 import pickle
@@ -36,6 +35,8 @@ from orama_stealth.clienthello import (
 from orama_stealth.config import Backend, Listener, RouterConfig
 from orama_stealth.logs import Logger
 from orama_stealth.metrics import Stats, StatsRegion
+from orama_stealth.proxyproto import ProxyProtocolError
+from orama_stealth.proxyproto import encode as proxy_encode
 from orama_stealth.relay import Half
 from orama_stealth.routes import RouteTable
 
@@ -49,7 +50,6 @@ _RETRYABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED)
 MSG_HEADER = struct.Struct("!cI")  # kind, length
 
 AddrInfo = list[tuple[Any, Any, Any, Any, Any]]
-ProxyEncoder = Callable[[str, tuple[str, int], tuple[str, int]], bytes]
 
 
 def _hello_reason(e: HelloError) -> str:
@@ -69,12 +69,6 @@ def plain_ip(ip: str) -> str:
     if ip.startswith("::ffff:") and "." in ip:
         return ip[7:]
     return ip.split("%", 1)[0]
-
-
-def _proxy_encoder() -> ProxyEncoder:
-    module = importlib.import_module("orama_stealth.proxyproto")
-    encode: ProxyEncoder = module.encode
-    return encode
 
 
 class Conn:
@@ -289,10 +283,10 @@ class Conn:
         if backend.proxy_protocol:
             try:
                 local = self.csock.getsockname()
-                header = w.proxy_encode(
+                header = proxy_encode(
                     backend.proxy_protocol, (self.ip, self.port), (plain_ip(local[0]), local[1])
                 )
-            except (OSError, ValueError) as e:
+            except (OSError, ProxyProtocolError) as e:
                 self._dial_failed(f"cannot build PROXY header: {e}")
                 return
             first = header + first
@@ -363,7 +357,6 @@ class Worker:
         self._control_buf = b""
         self._resolved: dict[str, tuple[float, tuple[int, tuple[str, int]] | str]] = {}
         self._resolving: dict[str, list[Callable[[], None]]] = {}
-        self._proxy_encode: ProxyEncoder | None = None
         self.exit_code = 0
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
@@ -375,12 +368,6 @@ class Worker:
             return loop
         except ImportError:
             return asyncio.new_event_loop()
-
-    @property
-    def proxy_encode(self) -> ProxyEncoder:
-        if self._proxy_encode is None:
-            self._proxy_encode = _proxy_encoder()
-        return self._proxy_encode
 
     # --- lifecycle ---------------------------------------------------------------------------
 
