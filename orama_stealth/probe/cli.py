@@ -40,7 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--turn-rest-user", default="orama-probe",
                    help="user part of the REST username (default orama-probe)")
     p.add_argument("--turn-user", help="static long-term username")
-    p.add_argument("--turn-password", help="static long-term password")
+    p.add_argument("--turn-password", help="static long-term password (visible in ps)")
+    p.add_argument("--turn-password-file", metavar="FILE",
+                   help="static long-term password from a file (first line)")
     p.add_argument("--peer-mode", choices=PEER_MODES, default="allocation",
                    help="allocation: a second allocation is the peer (default, no NAT issues); "
                    "udp: a local UDP socket is the peer")
@@ -73,6 +75,10 @@ def _usage_error(message: str) -> int:
 def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     host, port = parse_target(args.target)
     secret = None
+    if args.turn_password_file:
+        if args.turn_password:
+            raise ProbeInputError("give --turn-password or --turn-password-file, not both")
+        args.turn_password = turn_auth.read_secret(args.turn_password_file)
     if args.turn:
         if args.turn_secret_file:
             if args.turn_user or args.turn_password:
@@ -80,8 +86,8 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
                                       "not both")
             secret = turn_auth.read_secret(args.turn_secret_file)
         elif not (args.turn_user and args.turn_password):
-            raise ProbeInputError("--turn needs --turn-secret-file FILE or both --turn-user and "
-                                  "--turn-password")
+            raise ProbeInputError("--turn needs --turn-secret-file FILE, or --turn-user with "
+                                  "--turn-password or --turn-password-file")
     if args.timeout <= 0:
         raise ProbeInputError(f"--timeout must be positive, got {args.timeout}")
     return ProbeSpec(

@@ -117,6 +117,11 @@ def test_credentials_are_accepted_by_coturn(
     r = cli("probe", f"127.0.0.1:{turn_server.tls_port}", "--sni", CDN, "--ca", ca_file,
             "--turn", "--turn-user", cred["username"], "--turn-password", cred["password"])
     assert r.returncode == 0, r.stdout + r.stderr
+    password = tmp_path / "password"
+    password.write_text(cred["password"] + "\n")
+    r = cli("probe", f"127.0.0.1:{turn_server.tls_port}", "--sni", CDN, "--ca", ca_file,
+            "--turn", "--turn-user", cred["username"], "--turn-password-file", password)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_credentials_missing_secret_file_exits_2(tmp_path: Path) -> None:
