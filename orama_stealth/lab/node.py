@@ -457,8 +457,9 @@ class LabNode:
         rec = _read_json(p.record)
         how = "absent"
         pid = rec.get("pid")
-        if isinstance(pid, int):
-            how = nspawn.stop(pid, s.name)
+        pids = [pid] if isinstance(pid, int) else nspawn.find(s.name, p.merged)
+        for one in pids:
+            how = nspawn.stop(one, s.name)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(5)

@@ -49,6 +49,23 @@ def is_ours(pid: int, machine: str) -> bool:
     )
 
 
+def find(machine: str, root: Path) -> list[int]:
+    """nspawn processes booting `root` as `machine`: finds one whose PID was never recorded
+    (the starting process died between spawning it and writing the PID down)."""
+    want = [f"--machine={machine}".encode(), f"--directory={root}".encode()]
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w in cmdline for w in want) and is_ours(int(d.name), machine):
+            pids.append(int(d.name))
+    return pids
+
+
 def _reap(pid: int) -> None:
     # Only our own child can be reaped; for a PID started by an earlier CLI run this is a no-op.
     with contextlib.suppress(ChildProcessError, OSError):

@@ -1,0 +1,103 @@
+"""Pytest fixtures for tests that need the lab node (a real systemd + sshd + Caddy + coturn).
+
+    from support import lab as lab_fixtures
+    lab_node = lab_fixtures.lab_node      # pytest finds fixtures by module attribute
+
+    @pytest.mark.lab
+    def test_something(lab_node):
+        st = lab_node.status()      # the same JSON as `orama-stealth lab status --json`
+        lab_node.ssh("systemctl is-active caddy", check=True)
+
+Each test gets a fresh node (a new overlay over the cached image, booted in about a second).
+Nodes take an index from a machine-wide slot lock, so pytest runs of several people on one
+machine never share a veth name, a /24 or a namespace. The image cache is shared: set
+ORAMA_LAB_DIR to move it (default /var/tmp/orama-lab).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orama_stealth.lab import netns
+from orama_stealth.lab.node import DEFAULT_STATE_DIR, LabNode
+
+# Indexes below 10 are left to people running `orama-stealth lab up` by hand.
+SLOTS = range(10, 90)
+SLOT_LOCK_DIR = Path("/run/lock")
+
+
+def skip_reason() -> str | None:
+    """Why the lab cannot run here, or None. Only missing privileges/tools skip; anything
+    else that goes wrong is a failure."""
+    if os.geteuid() != 0:
+        return "lab node needs root (network namespaces, mounts, systemd-nspawn)"
+    for tool, pkg in (("systemd-nspawn", "systemd-container"), ("mmdebstrap", "mmdebstrap")):
+        if shutil.which(tool) is None:
+            return f"lab node needs {tool} (apt-get install {pkg})"
+    return None
+
+
+def _claim_slot() -> tuple[int, int]:
+    """An index nobody else uses, held by an flock until released (or this process dies)."""
+    SLOT_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    for index in SLOTS:
+        fd = os.open(SLOT_LOCK_DIR / f"orama-lab-slot-{index}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        probe = LabNode(f"olt{index}", index)
+        if netns.link_exists(probe.spec.host_if) or netns.subnet_users(probe.spec.subnet):
+            os.close(fd)  # taken by something that does not use the slot locks
+            continue
+        return index, fd
+    raise RuntimeError(f"no free lab slot in {SLOTS}: too many lab nodes running")
+
+
+def _state_dir() -> Path:
+    return Path(os.environ.get("ORAMA_LAB_DIR", str(DEFAULT_STATE_DIR)))
+
+
+@pytest.fixture
+def lab_nodes() -> Iterator[Callable[[], LabNode]]:
+    """A factory: each call boots one more fresh node; all are stopped after the test."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    started: list[tuple[LabNode, int]] = []
+
+    def make() -> LabNode:
+        index, fd = _claim_slot()
+        node = LabNode(f"olt{index}", index, _state_dir())
+        started.append((node, fd))
+        node.up()
+        return node
+
+    try:
+        yield make
+    finally:
+        errors: list[BaseException] = []
+        for node, fd in reversed(started):
+            try:
+                node.down()
+            except Exception as e:
+                errors.append(e)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def lab_node(lab_nodes: Callable[[], LabNode]) -> LabNode:
+    """One fresh node in the before-cutover state; stopped after the test."""
+    return lab_nodes()
