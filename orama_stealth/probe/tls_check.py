@@ -29,13 +29,16 @@ def make_context(spec: ProbeSpec, verify: bool = True) -> ssl.SSLContext:
 
 def connect_tcp(spec: ProbeSpec, step: str) -> socket.socket:
     try:
-        return socket.create_connection((spec.host, spec.port), timeout=spec.timeout)
+        sock = socket.create_connection((spec.host, spec.port), timeout=spec.timeout)
     except TimeoutError:
         raise ProbeFailure(
             step, f"timeout after {spec.timeout}s connecting to {spec.target}"
         ) from None
     except OSError as e:
         raise ProbeFailure(step, f"cannot connect to {spec.target}: {e.strerror or e}") from e
+    # Small STUN messages back to back: Nagle would hold the second one for the first's ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def connect_tls(spec: ProbeSpec, step: str, verify: bool = True) -> ssl.SSLSocket:
