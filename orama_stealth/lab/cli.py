@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orama_stealth.lab import image, nodeconf
+from orama_stealth.lab import image, measure, nodeconf
 from orama_stealth.lab.node import DEFAULT_STATE_DIR, LabError, LabNode, recorded_index
 from orama_stealth.lab.nspawn import NspawnError
 
@@ -64,12 +64,15 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     node = _node(args)
     st = node.status()
+    if args.memory and isinstance(st["pid"], int):
+        st["memory"] = measure.pss_kib(st["pid"])
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
     for key in ("name", "running", "address", "ssh_config", "base_domain", "cdn_hosts",
-                "ca_file", "turn_secret_file"):
-        print(f"{key}: {st[key]}")
+                "ca_file", "turn_secret_file", "memory"):
+        if key in st:
+            print(f"{key}: {st[key]}")
     if st["running"]:
         proc = node.ssh("systemctl is-system-running; systemctl is-active caddy coturn", timeout=20)
         print("systemd/caddy/coturn: " + " ".join(proc.stdout.split()))
@@ -86,8 +89,24 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     os.execvp(argv[0], argv)
 
 
+def _running_nodes(state: Path) -> list[str]:
+    nodes_dir = state / "nodes"
+    if not nodes_dir.is_dir():
+        return []
+    return [
+        d.name for d in sorted(nodes_dir.iterdir())
+        if d.is_dir() and LabNode(d.name, recorded_index(d.name, state) or 0, state).pid()
+    ]
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     state = Path(args.dir)
+    busy = _running_nodes(state) if args.force else []
+    if busy:
+        # Their overlays use the cached tree as lower layer: it must not change under them.
+        _err(f"orama-stealth lab build: error: nodes running on the cached image: "
+             f"{', '.join(busy)}; run `down` for them before --force")
+        return 1
     img = image.ensure_image(
         state / "cache", Path(args.apt_sources) if args.apt_sources else None,
         force=args.force, log=_err,
@@ -99,15 +118,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     state = Path(args.dir)
     _node(args).down()
-    nodes_dir = state / "nodes"
-    busy = []
-    if nodes_dir.is_dir():
-        for d in sorted(nodes_dir.iterdir()):
-            if d.is_dir() and LabNode(d.name, recorded_index(d.name, state) or 0, state).pid():
-                busy.append(d.name)
+    busy = _running_nodes(state)
     if busy:
-        _err(f"orama-stealth lab clean: nodes still running on the cache: {', '.join(busy)}; "
-             "run `down` for them first")
+        _err(f"orama-stealth lab clean: error: nodes still running on the cached image: "
+             f"{', '.join(busy)}; run `down` for them first")
         return 1
     for p in image.remove_images(state / "cache"):
         _err(f"event=lab_clean removed={p}")
@@ -154,6 +168,8 @@ def register(sub: Any) -> None:
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable (the interface)")
     status.add_argument("--check", action="store_true", help="exit 3 when not running")
+    status.add_argument("--memory", action="store_true",
+                        help="add PSS/RSS of the node's process tree (KiB)")
     status.set_defaults(handler=_guard(cmd_status))
 
     ssh = lab_sub.add_parser("ssh", help="ssh into the node, or run CMD there")

@@ -360,12 +360,10 @@ class LabNode:
         put(nodeconf.NODE_CDN_CERT, cdn.cert_file.read_bytes(), 0o644)
         put(nodeconf.NODE_CDN_KEY, cdn.key_file.read_bytes(), 0o640, (0, turn[1]))
         put(nodeconf.NODE_TURN_SECRET, secret + "\n", 0o600)
-        put(nodeconf.NODE_CA_CERT, p.ca_cert.read_bytes(), 0o644)
         put("/etc/caddy/Caddyfile", nodeconf.caddyfile(s))
         put("/etc/turnserver.conf", nodeconf.turnserver_conf(s, secret), 0o640, (0, turn[1]))
         put("/etc/default/coturn", nodeconf.coturn_default())
-        # So curl and Python on the node trust the lab CA, like a public CA in production.
-        _run(["chroot", str(root), "update-ca-certificates"], "trusting the lab CA on the node")
+        self._trust_ca(root)
 
         host_keys = [
             k.read_text(encoding="utf-8") for k in sorted((root / "etc/ssh").glob("ssh_host_*.pub"))
@@ -374,6 +372,28 @@ class LabNode:
         p.ssh_config.write_text(
             nodeconf.ssh_config(s, str(p.key), str(p.known_hosts)), encoding="utf-8"
         )
+
+    def _trust_ca(self, root: Path) -> None:
+        """Make curl and Python on the node trust the lab CA, as a public CA is trusted in
+        production. Writes what `update-ca-certificates` would (which takes ~2 s here)."""
+        pem = self.paths.ca_cert.read_bytes()
+        src = root / nodeconf.NODE_CA_CERT.lstrip("/")
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(pem)
+        certs = root / "etc/ssl/certs"
+        subject_hash = _run(
+            ["chroot", str(root), "openssl", "x509", "-subject_hash", "-noout", "-in",
+             nodeconf.NODE_CA_CERT],
+            "hashing the lab CA's subject",
+        ).strip()
+        link = certs / "orama-lab-ca.pem"
+        link.unlink(missing_ok=True)
+        link.symlink_to(nodeconf.NODE_CA_CERT)
+        hashed = certs / f"{subject_hash}.0"
+        hashed.unlink(missing_ok=True)
+        hashed.symlink_to("orama-lab-ca.pem")
+        with open(certs / "ca-certificates.crt", "ab") as bundle:
+            bundle.write(pem if pem.endswith(b"\n") else pem + b"\n")
 
     def _write_record(self, img: image.Image, pid: int | None) -> None:
         rec = {
