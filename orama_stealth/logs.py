@@ -49,7 +49,7 @@ class Logger:
         self._interval = interval
         self._clock: Callable[[], float] = clock or time.monotonic
         self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._suppressed: dict[str, tuple[str, str, str, int]] = {}
         self.base: dict[str, object] = dict(base)
 
     def _write(self, level: str, event: str, msg: str, fields: dict[str, object]) -> None:
@@ -74,17 +74,28 @@ class Logger:
         """Unlimited: for rare operator-facing warnings (reload rejected, worker died)."""
         self._write("warn", event, msg, fields)
 
-    def limited(self, event: str, msg: str, level: str = "warn", **fields: object) -> bool:
-        """At most one line per `interval` for this event kind; returns whether it printed."""
+    def limited(
+        self, event: str, msg: str, level: str = "warn", kind: str = "", **fields: object
+    ) -> bool:
+        """At most one line per `interval` per kind (default: the event); True if it printed.
+
+        `kind` splits an event by cause (e.g. hello failures by reason) so one noisy cause
+        cannot hide another.
+        """
+        key = kind or event
         now = self._clock()
-        last = self._last.get(event)
+        last = self._last.get(key)
         if last is not None and now - last < self._interval:
-            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            held = self._suppressed.get(key)
+            if held is None:
+                self._suppressed[key] = (event, msg, level, 1)
+            else:
+                self._suppressed[key] = (event, msg, level, held[3] + 1)
             return False
-        self._last[event] = now
-        skipped = self._suppressed.pop(event, 0)
-        if skipped:
-            fields["suppressed"] = skipped
+        self._last[key] = now
+        held = self._suppressed.pop(key, None)
+        if held is not None:
+            fields["suppressed"] = held[3]
         self._write(level, event, msg, fields)
         return True
 
@@ -93,10 +104,8 @@ class Logger:
         if not self._suppressed:
             return
         now = self._clock()
-        for event in list(self._suppressed):
-            if now - self._last.get(event, 0.0) >= self._interval:
-                skipped = self._suppressed.pop(event)
-                self._last[event] = now
-                self._write(
-                    "warn", event, "repeated warnings suppressed", {"suppressed": skipped}
-                )
+        for key in list(self._suppressed):
+            if now - self._last.get(key, 0.0) >= self._interval:
+                event, msg, level, skipped = self._suppressed.pop(key)
+                self._last[key] = now
+                self._write(level, event, msg, {"kind": key, "suppressed": skipped})

@@ -175,7 +175,7 @@ class Conn:
         w = self.w
         w.stats.hello_failures[reason] += 1
         w.log.limited(
-            "hello_failed", "ClientHello peek failed", reason=reason,
+            "hello_failed", "ClientHello peek failed", kind=f"hello_failed:{reason}", reason=reason,
             client=f"{self.ip}:{self.port}", detail=detail[:160],
         )
         self.close()
@@ -514,7 +514,8 @@ class Worker:
             self.stats.refused[scope] += 1
             limit = self.admission.max_total if scope == "global" else self.admission.max_per_ip
             self.log.limited(
-                "conn_limit", "Connection limit reached", limit=scope, max=limit,
+                "conn_limit", "Connection limit reached", kind=f"conn_limit:{scope}", limit=scope,
+                max=limit,
                 client=f"{ip}:{addr[1]}", listener=listener.name,
             )
             csock.close()

@@ -59,6 +59,21 @@ def test_flood_prints_one_line_per_second_per_event_with_suppressed_count() -> N
         os.close(w)
 
 
+def test_kinds_of_one_event_are_limited_separately() -> None:
+    r, w = os.pipe()
+    try:
+        log = Logger(fd=w, clock=Clock())
+        for reason in ("timeout", "malformed", "timeout", "malformed"):
+            log.limited("hello_failed", "ClientHello peek failed", kind=f"h:{reason}",
+                        reason=reason)
+        lines = read_lines(r)
+        assert len(lines) == 2
+        assert "reason=timeout" in lines[0] and "reason=malformed" in lines[1]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_held_back_counts_are_reported_after_the_window() -> None:
     r, w = os.pipe()
     try:
@@ -72,6 +87,7 @@ def test_held_back_counts_are_reported_after_the_window() -> None:
         log.flush_suppressed()
         lines = read_lines(r)
         assert len(lines) == 1 and "event=hello_failed" in lines[0] and "suppressed=4" in lines[0]
+        assert 'msg="ClientHello peek failed"' in lines[0]
         log.flush_suppressed()
         assert read_lines(r) == []
     finally:
