@@ -1,0 +1,61 @@
+"""Example production inventory: one canary node, then the fleet.
+
+    pyinfra -y inventories/prod.py deploys/cutover.py --limit canary
+    pyinfra -y inventories/prod.py deploys/verify.py --limit canary      # watch it for a day
+    pyinfra -y inventories/prod.py deploys/cutover.py --limit fleet      # refused until soaked
+    pyinfra -y inventories/prod.py deploys/rollback.py --limit node-fra-2
+
+Per-host data keys (group data below applies to every host of the group; host data wins;
+`--data key=value` wins over both):
+  base_domain         the node's HTTPS name, served by Caddy (required)
+  cdn_hosts           stealth names routed to the TURN server; default ["cdn.<base_domain>"]
+  namespaces          tenant namespaces; each adds the derived stealth name
+                      cdn-<12 hex of sha256(namespace)>.<base_domain>
+  turn_tls_addr       the TURN server's TLS listener on the node (default 127.0.0.1:5349)
+  tls_mode            "acme" (Caddy obtains the cdn certificates; point the TURN server at
+                      Caddy's certificate files) or "files" (tls_cert_file/tls_key_file on node)
+  proxy_protocol      false | v1 | v2: PROXY header towards Caddy; preflight refuses it unless the
+                      node's Caddy lists caddy.listeners.proxy_protocol
+  caddy_https_port / caddy_http_port   Caddy's new ports (8443 / 8080)
+  probe_address       where this machine reaches the node (default ssh_hostname)
+  ca_file             CA bundle (on this machine) for the probes; default the system store
+  turn_secret_file    the TURN REST secret (on this machine) for the allocation probe
+  gateway_config / gateway_url / gateway_service   optional gateway step (both or neither)
+  canary_soak         seconds (or 24h) the canary must have been cut over (default 24h)
+  max_concurrent_conns  router-wide connection cap (default 10000)
+"""
+
+_common = {
+    "ssh_user": "root",
+    "ssh_key": "~/.ssh/orama_deploy",
+    "turn_tls_addr": "127.0.0.1:5349",
+    "tls_mode": "acme",
+    "proxy_protocol": False,
+    "turn_secret_file": "secrets/turn_shared_secret",
+    "canary_soak": "24h",
+}
+
+canary = (
+    [
+        ("node-fra-1", {
+            **_common,
+            "ssh_hostname": "203.0.113.10",
+            "base_domain": "fra-1.orama.example",
+            "namespaces": ["myapp"],
+            "gateway_config": "/etc/orama/gateway.yaml",
+            "gateway_url": "https://fra-1.orama.example",
+        }),
+    ],
+    {},
+)
+
+fleet = (
+    [
+        ("node-fra-2", {**_common, "ssh_hostname": "203.0.113.11",
+                        "base_domain": "fra-2.orama.example"}),
+        ("node-sgp-1", {**_common, "ssh_hostname": "198.51.100.20",
+                        "base_domain": "sgp-1.orama.example",
+                        "cdn_hosts": ["cdn.sgp-1.orama.example"]}),
+    ],
+    {},
+)

@@ -1,0 +1,33 @@
+"""Where the cutover puts things on a node; one place, so rollback undoes exactly these."""
+
+from __future__ import annotations
+
+STATE_DIR = "/var/lib/orama-stealth"
+STATE_FILE = f"{STATE_DIR}/state.json"
+BACKUPS = f"{STATE_DIR}/backups"
+# Points at the backup taken before the first change; only rollback removes it, so a re-run
+# never replaces the pre-cutover files with post-cutover ones.
+BACKUP_POINTER = f"{BACKUPS}/pre-cutover"
+STAGING = f"{STATE_DIR}/staging"
+WHEELS = f"{STATE_DIR}/wheels"
+
+VENV = "/opt/orama"
+ROUTER_BIN = f"{VENV}/bin/orama-sni-router"
+INSTALLED_MARK = f"{VENV}/.orama-stealth-build"
+
+ROUTER_CONFIG = "/etc/orama/sni-router.yaml"
+ROUTER_UNIT_NAME = "orama-sni-router.service"
+ROUTER_UNIT = f"/etc/systemd/system/{ROUTER_UNIT_NAME}"
+CADDY_DROPIN = "/etc/systemd/system/caddy.service.d/orama-stealth.conf"
+
+DEFAULT_CADDYFILE = "/etc/caddy/Caddyfile"
+
+
+def backed_up_files(caddyfile: str) -> dict[str, str]:
+    """Backup name -> node path of every file the cutover writes."""
+    return {
+        "Caddyfile": caddyfile,
+        "caddy-dropin.conf": CADDY_DROPIN,
+        "sni-router.yaml": ROUTER_CONFIG,
+        "orama-sni-router.service": ROUTER_UNIT,
+    }

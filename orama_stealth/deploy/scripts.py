@@ -1,0 +1,109 @@
+"""Shell scripts the steps run on the node, each one remote command so a step is all-or-nothing
+as far as a shell allows and the :443 gap during the switch is one SSH round trip, not several."""
+
+from __future__ import annotations
+
+import shlex
+
+from orama_stealth.deploy import layout
+
+UNIT = layout.ROUTER_UNIT_NAME
+
+
+def backup(caddyfile: str) -> str:
+    """Copy every file the cutover changes into a new timestamped directory, then point
+    `pre-cutover` at it. Files that did not exist are listed in ABSENT so rollback removes them.
+    Does nothing when the pointer exists: that backup holds the pre-cutover files."""
+    lines = [
+        "set -eu",
+        f"B={layout.BACKUPS}",
+        f'if [ -e {layout.BACKUP_POINTER} ]; then exit 0; fi',
+        'ts=$(date -u +%Y%m%dT%H%M%SZ)',
+        'mkdir -p "$B/$ts.partial"',
+        ': > "$B/$ts.partial/ABSENT"',
+    ]
+    for name, path in layout.backed_up_files(caddyfile).items():
+        q = shlex.quote(path)
+        lines.append(f'if [ -e {q} ]; then cp -p {q} "$B/$ts.partial/{name}"; '
+                     f'else echo {name} >> "$B/$ts.partial/ABSENT"; fi')
+    lines += [
+        'mv "$B/$ts.partial" "$B/$ts"',
+        f'ln -sfn "$ts" {layout.BACKUP_POINTER}',
+    ]
+    return "\n".join(lines)
+
+
+def install_router(wheel_dir: str, pip_wheel: str, fingerprint: str) -> str:
+    """Create the venv without ensurepip (works without python3-venv) and install the router
+    from the uploaded wheels only."""
+    return "\n".join([
+        "set -eu",
+        f"[ -x {layout.VENV}/bin/python ] || python3 -m venv --without-pip {layout.VENV}",
+        f"{layout.VENV}/bin/python {wheel_dir}/{pip_wheel}/pip install -q --no-index "
+        f"--disable-pip-version-check --no-cache-dir --force-reinstall "
+        f"--find-links {wheel_dir} 'orama-stealth[fast]'",
+        f"{layout.ROUTER_BIN} --help >/dev/null",
+        f"echo {fingerprint} > {layout.INSTALLED_MARK}",
+        # Older uploads are no longer needed once a build is installed.
+        f"find {layout.WHEELS} -mindepth 1 -maxdepth 1 ! -name {fingerprint} -exec rm -rf {{}} +",
+    ])
+
+
+def install_checked(staged: str, dest: str, check: str, then: str = "") -> str:
+    """Validate a staged file with the real tool, then move it into place."""
+    d = shlex.quote(dest)
+    return "\n".join([
+        "set -eu",
+        check,
+        f"mkdir -p $(dirname {d})",
+        f"install -m 0644 {shlex.quote(staged)} {d}",
+        then,
+    ])
+
+
+SWITCH = (
+    # One command: stop Caddy and start the router back to back, so :443 refuses connections
+    # only for the router's start-up time.
+    f"systemctl daemon-reload && systemctl enable -q {UNIT} && "
+    f"systemctl stop caddy.service && systemctl start {UNIT} && systemctl start caddy.service"
+)
+
+
+def rollback(caddyfile: str, state_json: str) -> str:
+    """From any state (half-done cutover included): router stopped, disabled and its unit gone,
+    Caddy's files restored from the pre-cutover backup (or managed blocks stripped when there
+    is none), Caddy restarted with its own capabilities on :443/:80.
+    The router config stays: it holds operator routes the next cutover keeps."""
+    cf = shlex.quote(caddyfile)
+    p = layout.BACKUP_POINTER
+    lines = [
+        "set -u",
+        f"systemctl disable -q --now {UNIT} 2>/dev/null || true",
+        f"systemctl stop {UNIT} 2>/dev/null || true",
+        f"if [ -d {p}/ ]; then",
+    ]
+    for name, path in layout.backed_up_files(caddyfile).items():
+        if path == layout.ROUTER_CONFIG:
+            continue
+        q = shlex.quote(path)
+        lines += [
+            f"  if [ -e {p}/{name} ]; then cp -p {p}/{name} {q};",
+            f"  elif grep -qx {name} {p}/ABSENT; then rm -f {q}; fi",
+        ]
+    lines += [
+        "else",
+        f"  rm -f {layout.ROUTER_UNIT} {layout.CADDY_DROPIN}",
+        "fi",
+        # Belt and braces: no managed block survives, whatever the backup held.
+        f"[ -f {cf} ] && sed -i '/^[[:space:]]*# >>> orama-stealth managed/,"
+        f"/^[[:space:]]*# <<< orama-stealth managed/d' {cf}",
+        f"rmdir --ignore-fail-on-non-empty {shlex.quote(layout.CADDY_DROPIN.rsplit('/', 1)[0])}"
+        " 2>/dev/null",
+        "systemctl daemon-reload",
+        f"systemctl reset-failed {UNIT} 2>/dev/null",
+        "systemctl restart caddy.service || exit 1",
+        f"rm -f {p}",
+        f"mkdir -p {layout.STATE_DIR}",
+        f"printf '%s\\n' {shlex.quote(state_json)} > {layout.STATE_FILE}",
+    ]
+    return "\n".join(lines)
