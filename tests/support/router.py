@@ -43,15 +43,20 @@ def backend_yaml(spec: BackendSpec) -> dict[str, str]:
     return out
 
 
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def config_text(
     port: int,
     routes: Sequence[tuple[str, BackendSpec]],
     fallback: BackendSpec,
     metrics_port: int | None = None,
     tcp_listeners: Sequence[tuple[str, int, BackendSpec]] = (),
+    host: str = LOOPBACK,
     **options: Any,
 ) -> str:
-    doc: dict[str, Any] = {"listen": f"{LOOPBACK}:{port}"}
+    doc: dict[str, Any] = {"listen": hostport(host, port)}
     doc.update(options)
     if metrics_port is not None:
         doc["metrics_listen"] = f"{LOOPBACK}:{metrics_port}"
@@ -73,6 +78,7 @@ class Router:
     port: int
     metrics_port: int
     tcp_ports: dict[str, int] = field(default_factory=dict)
+    host: str = LOOPBACK
 
     @property
     def pid(self) -> int:
@@ -166,12 +172,13 @@ def router(
     workers: int = 1,
     tcp_backends: Mapping[str, BackendSpec] | None = None,
     ready_timeout: float = 20.0,
+    host: str = LOOPBACK,
     **options: Any,
 ) -> Iterator[Router]:
     """Start a router on free loopback ports; `options` are extra top-level YAML keys."""
     # Short by default so stopping a router never waits out the production 30s drain.
     options.setdefault("drain_timeout", "2s")
-    port = free_port()
+    port = free_port(host)
     metrics_port = free_port()
     tcp_ports = {name: free_port() for name in (tcp_backends or {})}
     d = tmp_path / f"router-{port}"
@@ -179,10 +186,12 @@ def router(
     config = d / "sni-router.yaml"
     tcp = [(n, tcp_ports[n], b) for n, b in (tcp_backends or {}).items()]
     config.write_text(
-        config_text(port, routes, fallback, metrics_port, tcp, workers=workers, **options)
+        config_text(
+            port, routes, fallback, metrics_port, tcp, host=host, workers=workers, **options
+        )
     )
     log = d / "router.log"
     with running([*router_argv(), "--config", config], log=log) as proc:
-        r = Router(proc, config, log, port, metrics_port, tcp_ports)
+        r = Router(proc, config, log, port, metrics_port, tcp_ports, host)
         r.wait_log(r"event=ready", timeout=ready_timeout)
         yield r

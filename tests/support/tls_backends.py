@@ -167,9 +167,13 @@ class Backend:
         proxy: bool = False,
         port: int = 0,
         host: str = LOOPBACK,
+        record: bool = False,
     ) -> None:
         self.name = name
         self.proxy = proxy
+        # record=True (plain only): keep every byte received until EOF, answer nothing.
+        self.record = record
+        self.received: list[bytes] = []
         self.tls = pki is not None
         self.host = host
         self.seen: list[Seen] = []
@@ -262,6 +266,12 @@ class Backend:
         leftover = b""
         if self.proxy:
             header, leftover = self._read_proxy(conn)
+        if self.record:
+            data = leftover + recv_all(conn)
+            with self._lock:
+                self.received.append(data)
+                self.seen.append(Seen(None, None, peer, header, "record"))
+            return
         chan: _MemTLS | _Plain
         sni: str | None = None
         alpn: str | None = None
