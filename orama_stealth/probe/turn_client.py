@@ -44,6 +44,7 @@ class TurnConnection:
         self.timeout = timeout
         self._decoder = stun.StreamDecoder()
         self._pending: deque[stun.Message] = deque()
+        self._sent: set[bytes] = set()
 
     def close(self) -> None:
         self.sock.close()
@@ -56,10 +57,14 @@ class TurnConnection:
         try:
             data = self.sock.recv(65536)
         except TimeoutError:
+            hint = ""
             if self._decoder.received == 0:
                 self._nudge(step, waiting_for)
+                hint = (f" (not one byte from {self.where}: a TURN server answers in "
+                        "milliseconds; wrong route, or a server that speaks neither STUN "
+                        "nor HTTP?)")
             raise ProbeFailure(
-                step, f"timeout after {self.timeout}s waiting for {waiting_for}"
+                step, f"timeout after {self.timeout}s waiting for {waiting_for}{hint}"
             ) from None
         except OSError as e:
             raise ProbeFailure(step, f"connection error waiting for {waiting_for}: {e}") from e
@@ -104,6 +109,7 @@ class TurnConnection:
         request = stun.decode(data)
         waiting_for = f"the {stun.METHOD_NAMES.get(request.method, 'STUN')} response"
         self.send(data, step)
+        self._sent.add(request.txid)
         deadline = time.monotonic() + self.timeout
         while True:
             for _ in range(len(self._pending)):
@@ -115,6 +121,12 @@ class TurnConnection:
                                 step, f"expected {waiting_for}, got a {m.describe()}"
                             )
                         return m
+                    if m.txid not in self._sent:
+                        raise ProbeFailure(
+                            step, f"expected {waiting_for} with transaction id "
+                            f"{request.txid.hex()}, got a {m.describe()} with transaction id "
+                            f"{m.txid.hex()}, which matches no request we sent"
+                        )
                     continue  # a late answer to an earlier request
                 self._pending.append(m)
             self._fill(step, waiting_for, deadline)
