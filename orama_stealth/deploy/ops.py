@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import os
 import time
 from collections.abc import Generator
 from io import StringIO
@@ -31,6 +31,7 @@ from orama_stealth.deploy.wheels import wheel_set
 
 logger = logging.getLogger("orama_stealth.deploy")
 Commands = Generator[Any, None, None]
+PAUSE_LIMIT = 600.0
 
 
 def settings() -> NodeSettings:
@@ -307,14 +308,21 @@ def gateway() -> Commands:
 
 @operation()
 def pause_point(step: str) -> Commands:
-    """With --data pause_after=<step>, stop here so an interrupted cutover can be tested."""
+    """With --data pause_after=<step>, stop here so an interrupted cutover can be tested: the
+    run waits (bounded) until killed, or until the file `pause_resume_file` (on this machine)
+    appears, so a test can also change the node mid-run and let the cutover continue."""
     s = settings()
     if not _executing() or s.pause_after != step:
         return
+    resume = host.data.get("pause_resume_file")
     print(f"orama-stealth: paused after step={step}", flush=True)
-    sys.stdout.flush()
-    time.sleep(600)  # bounded: whoever asked for the pause kills the run long before this
-    yield failure(f"paused after {step} for 600s and nobody stopped the run")
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while time.monotonic() < deadline:
+        if resume and os.path.exists(str(resume)):
+            print(f"orama-stealth: resumed after step={step}", flush=True)
+            return
+        time.sleep(0.2)
+    yield failure(f"paused after {step} for {PAUSE_LIMIT:.0f}s and nobody resumed or stopped it")
 
 
 @operation()
