@@ -96,7 +96,7 @@ def test_encode_refuses_unknown_version() -> None:
 
 
 ipv4 = st.ip_addresses(v=4).map(str)
-ipv6 = st.ip_addresses(v=6).filter(lambda a: a.ipv4_mapped is None).map(str)
+ipv6 = st.ip_addresses(v=6).map(str).filter(lambda a: not a.startswith("::ffff:"))
 port = st.integers(0, 65535)
 
 

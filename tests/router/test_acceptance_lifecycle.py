@@ -99,7 +99,7 @@ def test_sighup_under_traffic_keeps_live_connections_and_applies_new_routes(
         r.wait_log(r"event=reloaded")
         # Every worker has the new table (several tries land on both workers).
         deadline = time.monotonic() + 10
-        seen = set()
+        seen: set[str] = set()
         while time.monotonic() < deadline and seen != {"turn2"}:
             seen = {hello(r.port, "cdn.example.test", pki)["backend"] for _ in range(6)}
         assert seen == {"turn2"}

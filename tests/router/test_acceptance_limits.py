@@ -183,10 +183,10 @@ def test_per_ip_table_empty_after_10000_distinct_addresses(
         done = 0
         for i in range(10_000):
             src = f"127.{10 + i // 62500}.{(i // 250) % 250 + 1}.{i % 250 + 1}"
-            with socket.socket() as s:
-                s.settimeout(10)
-                s.bind((src, 0))
-                s.connect(("127.0.0.1", r.port))
+            with socket.socket() as c:
+                c.settimeout(10)
+                c.bind((src, 0))
+                c.connect(("127.0.0.1", r.port))
             done += 1
             if time.monotonic() > deadline:
                 break

@@ -6,7 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from support.router import Router, router
+from support.router import BackendSpec, Router, router
 from support.tls_backends import (
     Backend,
     Pki,
@@ -51,7 +51,7 @@ def rt(
     tmp_path_factory: pytest.TempPathFactory,
     farm: dict[str, Backend],
 ) -> Iterator[Router]:
-    routes = [
+    routes: list[tuple[str, BackendSpec]] = [
         ("cdn.example.test", ("turn", farm["turn"].addr)),
         ("v1.example.test", ("pp1", farm["pp1"].addr, "v1")),
         ("v2.example.test", ("pp2", farm["pp2"].addr, "v2")),
