@@ -54,8 +54,11 @@ def _claim_slot() -> tuple[int, int]:
         except BlockingIOError:
             os.close(fd)
             continue
-        probe = LabNode(f"olt{index}", index)
-        if netns.link_exists(probe.spec.host_if) or netns.subnet_users(probe.spec.subnet):
+        node = LabNode(f"olt{index}", index, _state_dir())
+        # Holding the slot means no other test uses this node: whatever is left of it comes
+        # from a test run that was killed before its cleanup.
+        node.down(quiet=True)
+        if netns.link_exists(node.spec.host_if) or netns.subnet_users(node.spec.subnet):
             os.close(fd)  # taken by something that does not use the slot locks
             continue
         return index, fd
