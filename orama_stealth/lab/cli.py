@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ def _node(args: argparse.Namespace) -> LabNode:
     )
 
 
-def _guard(fn: Any) -> Any:
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _guard(fn: Handler) -> Handler:
+    """Expected failures become one clear line and exit 1, not a traceback."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             code: int = fn(args)

@@ -79,6 +79,33 @@ def test_saved_ca_issues_again(tmp_path: Path) -> None:
         TestCA.load(tmp_path / "ca.crt", tmp_path / "other.key")
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orama_stealth.stealth_cli", "lab", *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_cli_rejects_bad_input_with_one_clear_line(tmp_path: Path) -> None:
+    bad_index = _cli("status", "--index", "999", "--dir", str(tmp_path))
+    assert bad_index.returncode == 1
+    assert bad_index.stderr.strip() == (
+        "orama-stealth lab status: error: node index 999: expected 0..177 (one /24 per index)"
+    )
+    bad_name = _cli("down", "--name", "Bad_Name", "--dir", str(tmp_path))
+    assert bad_name.returncode == 1
+    assert "node name 'Bad_Name': expected 1-20 characters" in bad_name.stderr
+    assert "Traceback" not in bad_index.stderr + bad_name.stderr
+
+
+def test_status_of_a_node_never_started(tmp_path: Path) -> None:
+    out = _cli("status", "--json", "--name", "never", "--index", "7", "--dir", str(tmp_path))
+    st = json.loads(out.stdout)
+    assert (st["running"], st["pid"], st["address"]) == (False, None, "10.231.84.2")
+    assert st["ssh_config"] == str(tmp_path / "nodes" / "never" / "ssh_config")
+    assert _cli("status", "--check", "--name", "never", "--dir", str(tmp_path)).returncode == 3
+
+
 # ---- with real nodes ------------------------------------------------------------------------
 
 
