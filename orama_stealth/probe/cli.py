@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
                    help="ALPN protocol to offer (repeatable), e.g. stun.turn")
     p.add_argument("--ca", metavar="FILE", help="CA bundle to verify against (default: system)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per step (default 5)")
+    p.add_argument("--min-days", type=int, default=0, metavar="N",
+                   help="fail when the certificate expires in fewer than N days (default 0)")
     p.add_argument("--https", action="store_true", help="GET / with the SNI as Host")
     p.add_argument("--path", default="/", help="path for --https (default /)")
     p.add_argument("--expect-server", metavar="TEXT",
@@ -92,7 +94,7 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
         raise ProbeInputError(f"--timeout must be positive, got {args.timeout}")
     return ProbeSpec(
         host=host, port=port, sni=args.sni, alpn=tuple(args.alpn), ca_file=args.ca,
-        timeout=args.timeout, https=args.https, https_path=args.path,
+        timeout=args.timeout, min_days=args.min_days, https=args.https, https_path=args.path,
         expect_server=args.expect_server, stun=args.stun, turn=args.turn,
         turn_user=args.turn_user, turn_password=args.turn_password, turn_secret=secret,
         turn_rest_user=args.turn_rest_user, peer_mode=args.peer_mode, peer_bind=args.peer_bind,

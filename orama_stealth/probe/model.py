@@ -31,6 +31,7 @@ class ProbeSpec:
     alpn: tuple[str, ...] = ()
     ca_file: str | None = None          # None: the system trust store
     timeout: float = 5.0                # per network step
+    min_days: int = 0                   # the leaf must stay valid at least this many days
     https: bool = False
     https_path: str = "/"
     expect_server: str | None = None    # e.g. "Caddy": the Server header must contain it

@@ -126,4 +126,8 @@ def check_tls(spec: ProbeSpec) -> CheckResult:
             f"it covers {', '.join(leaf.names) or 'no names'} (subject {leaf.subject!r})"
         )
         return CheckResult("tls", False, summary, err, "tls", details)
+    if leaf.days_left < spec.min_days:
+        err = (f"the certificate expires in {leaf.days_left} days ({leaf.not_after:%Y-%m-%d}), "
+               f"expected at least {spec.min_days}")
+        return CheckResult("tls", False, summary, err, "tls", details)
     return CheckResult("tls", True, summary, None, None, details)

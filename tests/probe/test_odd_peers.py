@@ -20,9 +20,11 @@ Behaviour = Callable[[ssl.SSLSocket, bytes], None]
 
 
 @contextmanager
-def tls_server(ca: TestCA, tmp_path: Path, behaviour: Behaviour) -> Iterator[int]:
+def tls_server(
+    ca: TestCA, tmp_path: Path, behaviour: Behaviour, days: int = 30
+) -> Iterator[int]:
     """One-connection-at-a-time TLS server on loopback; `behaviour` gets the first request."""
-    cert = ca.issue(["odd.example.test"], tmp_path, "odd")
+    cert = ca.issue(["odd.example.test"], tmp_path, "odd", days=days)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert.cert_file, cert.key_file)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -96,3 +98,37 @@ def test_misbehaving_peer(
     assert check is not None and not check.ok
     assert check.step == step
     assert words in (check.error or ""), check.error
+
+
+def test_expired_certificate(ca: TestCA, tmp_path: Path) -> None:
+    ca_file = ca.write_ca(tmp_path / "ca.pem")
+    with tls_server(ca, tmp_path, closes, days=0) as port:
+        report = run_probe(ProbeSpec("127.0.0.1", port, sni="odd.example.test",
+                                     ca_file=str(ca_file)))
+    tls = report.check("tls")
+    assert tls is not None and not tls.ok
+    assert "certificate has expired" in (tls.error or ""), tls.error
+    assert tls.details["days_left"] <= 0
+
+
+def test_system_store_does_not_trust_the_test_ca(ca: TestCA, tmp_path: Path) -> None:
+    with tls_server(ca, tmp_path, closes) as port:
+        report = run_probe(ProbeSpec("127.0.0.1", port, sni="odd.example.test"))
+    tls = report.check("tls")
+    assert tls is not None and not tls.ok
+    assert "does not validate against the system trust store" in (tls.error or ""), tls.error
+    assert tls.details["chain"][0]["names"] == ["odd.example.test"]
+
+
+def test_min_days(ca: TestCA, tmp_path: Path) -> None:
+    ca_file = ca.write_ca(tmp_path / "ca.pem")
+    with tls_server(ca, tmp_path, closes, days=5) as port:
+        spec = ProbeSpec("127.0.0.1", port, sni="odd.example.test", ca_file=str(ca_file),
+                         min_days=14)
+        tls = run_probe(spec).check("tls")
+        assert tls is not None and not tls.ok
+        assert "expires in 4 days" in (tls.error or ""), tls.error
+        assert "expected at least 14" in (tls.error or "")
+        tls = run_probe(ProbeSpec("127.0.0.1", port, sni="odd.example.test",
+                                  ca_file=str(ca_file), min_days=3)).check("tls")
+        assert tls is not None and tls.ok, tls.error
