@@ -150,8 +150,12 @@ def _parse_alpn(buf: bytes, p: int, end: int) -> tuple[str, ...]:
         p += 1
         if n == 0 or p + n > end:
             raise Malformed(f"ALPN protocol name length {n} is zero or overruns the list")
-        # backslashreplace: any byte value is legal in ALPN, and a name must never fail to decode.
-        names.append(buf[p : p + n].decode("ascii", "backslashreplace"))
+        # Any byte value is legal in ALPN; a name must never fail to decode, and control bytes
+        # must not reach a log line raw, so both come out as \xNN escapes.
+        name = buf[p : p + n].decode("ascii", "backslashreplace")
+        if not name.isprintable():
+            name = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in name)
+        names.append(name)
         p += n
     return tuple(names)
 

@@ -224,3 +224,8 @@ def test_feed_eof_after_hello_is_truncated_not_other() -> None:
     assert reader.feed(load("curl")) is not None
     with pytest.raises(Truncated):
         reader.feed_eof()
+
+
+def test_alpn_names_with_any_byte_value_decode_instead_of_failing() -> None:
+    got = parse(frame(client_hello([sni_ext(b"a.example"), alpn_ext(b"h2", b"\xff\x00x")]), []))
+    assert got is not None and got.alpn == ("h2", "\\xff\\x00x")
