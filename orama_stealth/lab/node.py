@@ -354,6 +354,8 @@ class LabNode:
 
         put("/etc/hostname", s.name + "\n")
         put("/etc/hosts", nodeconf.hosts_file(s))
+        # Without it every SSH login logs a pam_env error and Python on the node runs in ASCII.
+        put("/etc/default/locale", "LANG=C.UTF-8\n")
         (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
         put("/root/.ssh/authorized_keys", pub, 0o600)
         put(nodeconf.NODE_SITE_CERT, site.cert_file.read_bytes(), 0o644)
