@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from orama_stealth.lab import image, measure, nodeconf
-from orama_stealth.lab.node import DEFAULT_STATE_DIR, LabError, LabNode, recorded_index
+from orama_stealth.lab.node import (
+    DEFAULT_STATE_DIR,
+    LabError,
+    LabNode,
+    recorded,
+    recorded_index,
+)
 from orama_stealth.lab.nspawn import NspawnError
 
 
@@ -21,14 +27,15 @@ def _err(line: str) -> None:
 
 def _node(args: argparse.Namespace) -> LabNode:
     state = Path(args.dir)
-    index = args.index
-    if index is None:
-        # status/down/ssh find the node where the last `up` put it.
-        index = recorded_index(args.name, state) if args.lab_command != "up" else None
+    # status/down/ssh find the node as its last `up` made it; `up` takes only what it is given.
+    rec = recorded(args.name, state) if args.lab_command != "up" else {}
+    index = args.index if args.index is not None else rec.get("index", 0)
+    base = getattr(args, "base_domain", None) or rec.get("base_domain")
+    namespace = getattr(args, "namespace", None) or rec.get("namespace")
     return LabNode(
-        args.name, 0 if index is None else index, state,
-        base_domain=getattr(args, "base_domain", nodeconf.DEFAULT_BASE_DOMAIN),
-        namespace=getattr(args, "namespace", nodeconf.DEFAULT_NAMESPACE),
+        args.name, index if isinstance(index, int) else 0, state,
+        base_domain=base if isinstance(base, str) else nodeconf.DEFAULT_BASE_DOMAIN,
+        namespace=namespace if isinstance(namespace, str) else nodeconf.DEFAULT_NAMESPACE,
         apt_sources=Path(args.apt_sources) if getattr(args, "apt_sources", None) else None,
         log=_err,
     )

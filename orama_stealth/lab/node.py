@@ -100,10 +100,14 @@ class NodePaths:
         return self.node_dir / "nspawn.log"
 
 
+def recorded(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, object]:
+    """What the node's last `up` recorded (index, base_domain, namespace, pid, ...), so
+    `status`/`down`/`ssh` need none of the options `up` was given. Empty if never up."""
+    return _read_json(NodePaths(state_dir, name).record)
+
+
 def recorded_index(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> int | None:
-    """The index a node was last brought up with, so `status`/`down` need no --index."""
-    rec = _read_json(NodePaths(state_dir, name).record)
-    idx = rec.get("index")
+    idx = recorded(name, state_dir).get("index")
     return idx if isinstance(idx, int) else None
 
 

@@ -266,10 +266,17 @@ def _leftovers(st: dict[str, object]) -> list[str]:
 
 
 @pytest.mark.lab
-def test_two_nodes_at_once_and_down_leaves_nothing(lab_nodes: Callable[[], LabNode]) -> None:
-    a, b = lab_nodes(), lab_nodes()
+def test_two_nodes_at_once_and_down_leaves_nothing(lab_nodes: Callable[..., LabNode]) -> None:
+    a, b = lab_nodes(), lab_nodes(base_domain="edge.example.test", namespace="other")
     sa, sb = a.status(), b.status()
     assert sa["address"] != sb["address"]
+    # The CLI finds b as its `up` made it, without being told the domain again.
+    out = _cli("status", "--json", "--name", b.name, "--dir", str(sb["state_dir"])).stdout
+    cli = json.loads(out)
+    assert cli == sb
+    assert cli["cdn_hosts"] == ["cdn.edge.example.test", "cdn-d9298a10d1b0.edge.example.test"]
+    with _tls(str(sb["address"]), 443, "edge.example.test", str(sb["ca_file"])) as s:
+        assert f"orama lab node {b.name}".encode() in _http(s, "edge.example.test", "/")
     assert a.ssh("hostname", check=True).stdout.strip() == a.name
     assert b.ssh("hostname", check=True).stdout.strip() == b.name
     # Each node is on its own link: a's address is not reachable from b.
@@ -296,7 +303,7 @@ def _booting(name: str, state_dir: str) -> bool:
 @pytest.mark.lab
 @pytest.mark.parametrize("stage", ["network", "booting"])
 def test_down_after_an_interrupted_up_leaves_nothing(
-    lab_nodes: Callable[[], LabNode], stage: str
+    lab_nodes: Callable[..., LabNode], stage: str
 ) -> None:
     """`up` killed (SIGKILL: no cleanup of its own) once the network exists, or once nspawn
     is booting; then `down` from a new process must remove everything."""

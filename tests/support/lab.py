@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from orama_stealth.lab import netns
+from orama_stealth.lab import netns, nodeconf
 from orama_stealth.lab.node import DEFAULT_STATE_DIR, LabNode
 
 # Indexes below 10 are left to people running `orama-stealth lab up` by hand.
@@ -70,16 +70,21 @@ def _state_dir() -> Path:
 
 
 @pytest.fixture
-def lab_nodes() -> Iterator[Callable[[], LabNode]]:
+def lab_nodes() -> Iterator[Callable[..., LabNode]]:
     """A factory: each call boots one more fresh node; all are stopped after the test."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     started: list[tuple[LabNode, int]] = []
 
-    def make() -> LabNode:
+    def make(
+        base_domain: str = nodeconf.DEFAULT_BASE_DOMAIN,
+        namespace: str = nodeconf.DEFAULT_NAMESPACE,
+    ) -> LabNode:
         index, fd = _claim_slot()
-        node = LabNode(f"olt{index}", index, _state_dir())
+        node = LabNode(
+            f"olt{index}", index, _state_dir(), base_domain=base_domain, namespace=namespace
+        )
         started.append((node, fd))
         node.up()
         return node
@@ -101,6 +106,6 @@ def lab_nodes() -> Iterator[Callable[[], LabNode]]:
 
 
 @pytest.fixture
-def lab_node(lab_nodes: Callable[[], LabNode]) -> LabNode:
+def lab_node(lab_nodes: Callable[..., LabNode]) -> LabNode:
     """One fresh node in the before-cutover state; stopped after the test."""
     return lab_nodes()
