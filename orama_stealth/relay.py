@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     from orama_stealth.worker import Conn
 
 BUFSIZE = 1 << 16
-# Full reads in a row before a direction counts as bulk and moves to splice(2).
-BULK_READS = 4
+# A direction counts as bulk, and moves to splice(2), after this many large reads in a row; a
+# read is large when it holds at least a full TLS record (16 KiB of payload plus framing), which
+# interactive traffic (TURN, keep-alive HTTP) rarely produces.
+BULK_READS = 8
+LARGE_READ = 16 * 1024
 _BUF = bytearray(BUFSIZE)
 _MV = memoryview(_BUF)
 _SPLICE = hasattr(os, "splice")
@@ -44,8 +47,19 @@ def splice_available() -> bool:
     return _SPLICE
 
 
+def recv_exact_size(sock: socket.socket) -> bytes:
+    """One recv into the shared buffer, returned as a right-sized bytes object (a 32 KiB recv
+    buffer shrunk in place would leave heap holes behind every idle connection)."""
+    n = sock.recv_into(_BUF)
+    return bytes(_MV[:n])
+
+
 class Half:
-    """One direction of a routed connection: bytes from `src` to `dst`."""
+    """One direction of a routed connection: bytes from `src` to `dst`.
+
+    `rd`/`wr` mirror what is registered with the loop, so nothing is registered or removed
+    twice: every registration change is an epoll_ctl(2), and they add up per connection.
+    """
 
     __slots__ = (
         "active",
@@ -60,10 +74,12 @@ class Half:
         "pending",
         "pipe_r",
         "pipe_w",
+        "rd",
         "sfd",
         "src",
         "stats",
         "upward",
+        "wr",
     )
 
     def __init__(
@@ -88,6 +104,8 @@ class Half:
         self.done = False
         self.full = 0
         self.active = True
+        self.rd = False
+        self.wr = False
         self.pipe_r = -1
         self.pipe_w = -1
         self.inpipe = 0
@@ -106,8 +124,10 @@ class Half:
                 return
             if sent < len(first):
                 self.pending = first[sent:]
+                self.wr = True
                 self.loop.add_writer(self.dfd, self.on_writable)
                 return
+        self.rd = True
         self.loop.add_reader(self.sfd, self.on_readable)
 
     # --- copying through Python --------------------------------------------------------------
@@ -137,10 +157,12 @@ class Half:
             return
         if sent < n:
             self.pending = _BUF[sent:n]
+            self.rd = False
             self.loop.remove_reader(self.sfd)
+            self.wr = True
             self.loop.add_writer(self.dfd, self.on_writable)
             return
-        if n == BUFSIZE:
+        if n >= LARGE_READ:
             self.full += 1
             if self.full >= BULK_READS and _SPLICE:
                 self._to_splice()
@@ -159,15 +181,18 @@ class Half:
             self.pending = self.pending[sent:]
             return
         self.pending = b""
+        self.wr = False
         self.loop.remove_writer(self.dfd)
         if self.eof:
             self._finish()
         else:
+            self.rd = True
             self.loop.add_reader(self.sfd, self.on_readable)
 
     # --- end of one direction ----------------------------------------------------------------
 
     def _src_eof(self) -> None:
+        self.rd = False
         self.loop.remove_reader(self.sfd)
         self.eof = True
         if not self.pending and not self.inpipe:
@@ -181,9 +206,12 @@ class Half:
 
     def stop(self) -> None:
         """Unregister callbacks and release the pipe; the sockets belong to the connection."""
-        loop = self.loop
-        loop.remove_reader(self.sfd)
-        loop.remove_writer(self.dfd)
+        if self.rd:
+            self.rd = False
+            self.loop.remove_reader(self.sfd)
+        if self.wr:
+            self.wr = False
+            self.loop.remove_writer(self.dfd)
         if self.pipe_r >= 0:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
@@ -198,7 +226,7 @@ class Half:
         except OSError:
             return  # out of descriptors: keep copying, it still works
         self.stats.splice_switches += 1
-        self.loop.remove_reader(self.sfd)
+        # Re-registering an fd that is already watched only swaps the callback.
         self.loop.add_reader(self.sfd, self.on_splice_readable)
 
     def on_splice_readable(self) -> None:
@@ -219,7 +247,9 @@ class Half:
             self.stats.bytes_down += n
         self.inpipe = n
         if self._drain_pipe() and self.inpipe:
+            self.rd = False
             self.loop.remove_reader(self.sfd)
+            self.wr = True
             self.loop.add_writer(self.dfd, self.on_splice_writable)
 
     def _drain_pipe(self) -> bool:
@@ -238,8 +268,10 @@ class Half:
     def on_splice_writable(self) -> None:
         if not self._drain_pipe() or self.inpipe:
             return
+        self.wr = False
         self.loop.remove_writer(self.dfd)
         if self.eof:
             self._finish()
         else:
+            self.rd = True
             self.loop.add_reader(self.sfd, self.on_splice_readable)

@@ -37,10 +37,9 @@ from orama_stealth.logs import Logger
 from orama_stealth.metrics import Stats, StatsRegion
 from orama_stealth.proxyproto import ProxyProtocolError
 from orama_stealth.proxyproto import encode as proxy_encode
-from orama_stealth.relay import Half
+from orama_stealth.relay import Half, recv_exact_size
 from orama_stealth.routes import RouteTable
 
-HELLO_RECV = 1 << 15
 ACCEPT_BATCH = 64
 # First retry of a refused dial; doubles up to the cap, always within backend_dial_timeout.
 RETRY_FIRST = 0.02
@@ -81,8 +80,11 @@ class Conn:
         "cfd",
         "closed",
         "csock",
+        "cwr",
+        "deadline",
         "down",
         "head",
+        "hrd",
         "idle_since",
         "ip",
         "key",
@@ -119,23 +121,31 @@ class Conn:
         self.up: Half | None = None
         self.down: Half | None = None
         self.closed = False
+        self.hrd = False  # reader registered while the hello arrives
+        self.cwr = False  # writer registered while connect(2) completes
+        self.deadline = 0.0
         self.idle_since = 0.0
         self.last_error = ""
 
     # --- hello -------------------------------------------------------------------------------
 
     def start_hello(self) -> None:
-        w = self.w
+        """Read the hello. Most clients send it with the handshake's last ACK, so try at once:
+        when it is already there, the connection never registers with the loop for it."""
         self.reader = ClientHelloReader()
-        w.loop.add_reader(self.cfd, self._on_hello)
-        self.timer = w.loop.call_later(w.cfg.client_hello_timeout, self._hello_timeout)
+        self._on_hello()
+        if self.reader is not None and not self.closed:
+            w = self.w
+            self.hrd = True
+            w.loop.add_reader(self.cfd, self._on_hello)
+            self.timer = w.loop.call_later(w.cfg.client_hello_timeout, self._hello_timeout)
 
     def _on_hello(self) -> None:
         reader = self.reader
         if reader is None:
             return
         try:
-            data = self.csock.recv(HELLO_RECV)
+            data = recv_exact_size(self.csock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -161,9 +171,12 @@ class Conn:
             self._hello_failed(_hello_reason(e), e.message)
             return
         self.reader = None
-        self.w.loop.remove_reader(self.cfd)
+        if self.hrd:
+            self.hrd = False
+            self.w.loop.remove_reader(self.cfd)
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None
         self.dial(backend, head)
 
     def _hello_timeout(self) -> None:
@@ -184,10 +197,24 @@ class Conn:
 
     def dial(self, backend: Backend, head: bytes) -> None:
         self.backend = backend
+        if backend.proxy_protocol:
+            try:
+                local = self.csock.getsockname()
+                head = proxy_encode(
+                    backend.proxy_protocol, (self.ip, self.port), (plain_ip(local[0]), local[1])
+                ) + head
+            except (OSError, ProxyProtocolError) as e:
+                self._dial_failed(f"cannot build PROXY header: {e}")
+                return
         self.head = head
-        loop = self.w.loop
-        self.timer = loop.call_later(self.w.cfg.backend_dial_timeout, self._dial_timeout)
+        self.deadline = self.w.loop.time() + self.w.cfg.backend_dial_timeout
         self._connect()
+
+    def _arm_dial_timer(self) -> None:
+        """The deadline timer exists only while we wait: a backend on loopback connects inside
+        connect(2), and most dials never need one."""
+        if self.timer is None:
+            self.timer = self.w.loop.call_at(self.deadline, self._dial_timeout)
 
     def _connect(self) -> None:
         self.retry = None
@@ -197,40 +224,59 @@ class Conn:
         assert backend is not None
         target = self.w.resolve(backend, self._connect)
         if target is None:
+            self._arm_dial_timer()
             return  # resolving; _connect runs again when the answer is in
         if isinstance(target, str):
             self._dial_failed(target)
             return
         family, sockaddr = target
         try:
-            s = socket.socket(family, socket.SOCK_STREAM)
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             self._dial_failed(str(e))
             return
-        s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bsock = s
         self.bfd = s.fileno()
         err = s.connect_ex(sockaddr)
-        if err == 0:
-            self._connected()
-        elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
-            self.w.loop.add_writer(self.bfd, self._on_connect)
-        else:
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
             self._connect_error(err)
+            return
+        if self.head:
+            # Sending tells at once whether the handshake is done: EAGAIN while it is still
+            # in progress, the connect error (e.g. refused) if it failed.
+            try:
+                sent = s.send(self.head)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as e:
+                self._connect_error(e.errno or errno.ECONNREFUSED)
+                return
+            else:
+                self._connected(sent)
+                return
+        elif err == 0:
+            self._connected(0)
+            return
+        self._arm_dial_timer()
+        self.cwr = True
+        self.w.loop.add_writer(self.bfd, self._on_connect)
 
     def _on_connect(self) -> None:
+        self.cwr = False
         self.w.loop.remove_writer(self.bfd)
         assert self.bsock is not None
         err = self.bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
-            self._connected()
+            self._connected(0)
         else:
             self._connect_error(err)
 
     def _drop_backend(self) -> None:
         if self.bsock is not None:
-            self.w.loop.remove_writer(self.bfd)
+            if self.cwr:
+                self.cwr = False
+                self.w.loop.remove_writer(self.bfd)
             self.bsock.close()
             self.bsock = None
             self.bfd = -1
@@ -240,10 +286,11 @@ class Conn:
         self.last_error = os.strerror(err)
         # A backend restarting refuses for a moment: retry until the deadline, so a restart
         # costs latency rather than a failed connection.
-        if self.timer is not None and err in _RETRYABLE:
-            remaining = self.timer.when() - self.w.loop.time()
+        if err in _RETRYABLE:
+            remaining = self.deadline - self.w.loop.time()
             delay = min(RETRY_CAP, max(RETRY_FIRST, remaining / 20), remaining)
             if delay > 0:
+                self._arm_dial_timer()
                 self.retry = self.w.loop.call_later(delay, self._connect)
                 return
         self._dial_failed(self.last_error)
@@ -270,7 +317,8 @@ class Conn:
         )
         self.close()
 
-    def _connected(self) -> None:
+    def _connected(self, sent: int) -> None:
+        """The backend accepted; `sent` bytes of the head already went out with the probe."""
         w = self.w
         if self.timer is not None:
             self.timer.cancel()
@@ -278,18 +326,8 @@ class Conn:
         backend = self.backend
         bsock = self.bsock
         assert backend is not None and bsock is not None
-        first = self.head
+        first = self.head[sent:] if sent else self.head
         self.head = b""
-        if backend.proxy_protocol:
-            try:
-                local = self.csock.getsockname()
-                header = proxy_encode(
-                    backend.proxy_protocol, (self.ip, self.port), (plain_ip(local[0]), local[1])
-                )
-            except (OSError, ProxyProtocolError) as e:
-                self._dial_failed(f"cannot build PROXY header: {e}")
-                return
-            first = header + first
         w.stats.conns[backend.name] += 1
         self.idle_since = w.loop.time()
         self.up = Half(self, self.csock, bsock, True, w.loop, w.stats)
@@ -321,9 +359,10 @@ class Conn:
             self.up.stop()
         if self.down is not None:
             self.down.stop()
-        if self.reader is not None:
+        self.reader = None
+        if self.hrd:
+            self.hrd = False
             loop.remove_reader(self.cfd)
-            self.reader = None
         self.up = self.down = None
         self._drop_backend()
         self.csock.close()
