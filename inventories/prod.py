@@ -23,6 +23,8 @@ Per-host data keys (group data below applies to every host of the group; host da
   gateway_config / gateway_url / gateway_service   optional gateway step (both or neither)
   canary_soak         seconds (or 24h) the canary must have been cut over (default 24h)
   max_concurrent_conns  router-wide connection cap (default 10000)
+  router_wheel        an orama_stealth-*.whl (on this machine) to ship instead of building one
+                      from this checkout: pin the exact release across the fleet
 """
 
 _common = {

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Generator
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 from pyinfra.api.command import FunctionCommand, StringCommand
@@ -50,9 +51,10 @@ def _say(message: str, error: bool = False) -> None:
                     log_func=logger.error if error else logger.warning)
 
 
-def _fail(state: Any, target: Any, message: str) -> bool:
+def _fail(state: Any, host: Any, message: str) -> bool:
+    # pyinfra passes (state, host) only to callbacks whose parameters carry these names.
     del state
-    target.log_styled(message, fg="red", log_func=logger.error)
+    host.log_styled(message, fg="red", log_func=logger.error)
     return False
 
 
@@ -183,7 +185,8 @@ def backup() -> Commands:
 def install_router() -> Commands:
     """Upload the wheels and install the router into /opt/orama when the build changed."""
     s = settings()
-    wheels = wheel_set(render.project_root())
+    wheels = wheel_set(render.project_root(),
+                       Path(s.router_wheel).expanduser() if s.router_wheel else None)
     if _snapshot(s).installed == wheels.fingerprint:
         return
     wheel_dir = f"{layout.WHEELS}/{wheels.fingerprint}"

@@ -44,6 +44,8 @@ def install_router(wheel_dir: str, pip_wheel: str, fingerprint: str) -> str:
         f"--find-links {wheel_dir} 'orama-stealth[fast]'",
         f"{layout.ROUTER_BIN} --help >/dev/null",
         f"echo {fingerprint} > {layout.INSTALLED_MARK}",
+        # A running router keeps the old code in memory until restarted.
+        f"if systemctl is-active -q {UNIT}; then systemctl restart {UNIT}; fi",
         # Older uploads are no longer needed once a build is installed.
         f"find {layout.WHEELS} -mindepth 1 -maxdepth 1 ! -name {fingerprint} -exec rm -rf {{}} +",
     ])

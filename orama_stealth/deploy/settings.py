@@ -48,6 +48,7 @@ class NodeSettings:
     gateway_url: str | None
     canary_soak: float
     pause_after: str | None
+    router_wheel: str | None  # on this machine: ship this wheel instead of building one
 
     @property
     def turn_tls_port(self) -> int:
@@ -170,4 +171,5 @@ def settings_from_data(host: str, data: HostDataLike) -> NodeSettings:
         canary_soak=_duration(host, "canary_soak",
                               data.get("canary_soak", DEFAULT_CANARY_SOAK)),
         pause_after=pause,
+        router_wheel=_str(data, host, "router_wheel"),
     )

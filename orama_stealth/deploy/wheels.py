@@ -61,9 +61,17 @@ def fingerprint(root: Path, runtime: tuple[Path, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def wheel_set(root: Path) -> WheelSet:
-    """Runtime wheels from build/wheelhouse and the project wheel, built if not cached."""
+def wheel_set(root: Path, release: Path | None = None) -> WheelSet:
+    """Runtime wheels from build/wheelhouse and the project wheel: `release` (an exact wheel
+    the operator ships) or one built from this checkout, cached by source fingerprint."""
     runtime = runtime_wheels(root / "build" / "wheelhouse")
+    if release is not None:
+        if not release.is_file() or not release.name.startswith("orama_stealth-"):
+            raise WheelError(f"router_wheel {release}: expected an orama_stealth-*.whl file")
+        digest = hashlib.sha256(release.read_bytes())
+        for wheel in runtime:
+            digest.update(wheel.name.encode() + b"\0")
+        return WheelSet(fingerprint=digest.hexdigest()[:16], project=release, runtime=runtime)
     fp = fingerprint(root, runtime)
     out = root / "build" / "deploy" / fp
     built = sorted(out.glob("orama_stealth-*.whl"))

@@ -1,0 +1,294 @@
+"""End to end against the lab node over SSH: `pyinfra -y inventories/lab.py deploys/...` run as
+the operator runs it, then checked from outside with real probes and from inside with `ss`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import lab as lab_fixtures
+
+lab_nodes = lab_fixtures.lab_nodes  # lab_node depends on it
+lab_node = lab_fixtures.lab_node
+
+REPO = Path(__file__).resolve().parents[2]
+OPERATOR_ROUTE = ('  - match: "shop.example.net"\n'
+                  '    backend: {name: shop, addr: "127.0.0.1:9000"}\n')
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+@dataclass
+class Lab:
+    node: Any
+    status: dict[str, Any]
+    status_file: Path
+    wheel: Path
+
+    @property
+    def address(self) -> str:
+        return str(self.status["address"])
+
+    @property
+    def base(self) -> str:
+        return str(self.status["base_domain"])
+
+    def ssh(self, command: str) -> str:
+        return str(self.node.ssh(command, check=True).stdout)
+
+    def deploy(self, deploy: str, *data: str, limit: str | None = None,
+               env: dict[str, str] | None = None,
+               timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        # pyinfra reports on stderr; one stream keeps the order an operator sees.
+        proc = subprocess.run(self.argv(deploy, *data, limit=limit), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout, env=self.env(env), check=False)
+        print(f"--- pyinfra {deploy} {' '.join(data)} exit={proc.returncode}")
+        print(proc.stdout[-3000:])
+        return proc
+
+    def argv(self, deploy: str, *data: str, limit: str | None = None) -> list[str]:
+        argv = [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py",
+                f"deploys/{deploy}.py", "--data", f"router_wheel={self.wheel}"]
+        for d in data:
+            argv += ["--data", d]
+        return argv + (["--limit", limit] if limit else [])
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, "ORAMA_LAB_STATUS": str(self.status_file), **(extra or {})}
+
+    def listeners(self) -> dict[int, set[str]]:
+        out: dict[int, set[str]] = {}
+        for line in self.ssh("ss -ltnpH").splitlines():
+            parts = line.split()
+            port = int(parts[3].rsplit(":", 1)[1])
+            out.setdefault(port, set()).update(
+                p.split('"')[1] for p in parts[5].split("((")[1:] + parts[5].split("),(")[1:]
+                if '"' in p)
+        return out
+
+    def probe(self, *args: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "orama_stealth.stealth_cli", "probe", f"{self.address}:443",
+             "--ca", str(self.status["ca_file"]), *args, "--json"],
+            capture_output=True, text=True, timeout=60, check=False)
+        report: dict[str, Any] = json.loads(proc.stdout)
+        return report
+
+
+@pytest.fixture(scope="module")
+def release_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One wheel for the whole module, so runs compare like with like even while the
+    checkout changes underneath (the deploy's own build is keyed by the source)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--disable-pip-version-check", "-w", str(out), str(REPO)],
+                   check=True, timeout=300, capture_output=True)
+    return next(out.glob("orama_stealth-*.whl"))
+
+
+@pytest.fixture
+def lab(lab_node: Any, tmp_path: Path, release_wheel: Path) -> Lab:
+    status = lab_node.status()
+    path = tmp_path / "lab-status.json"
+    path.write_text(json.dumps(status))
+    return Lab(lab_node, status, path, release_wheel)
+
+
+def changed(proc: subprocess.CompletedProcess[str]) -> int:
+    """The `Success` column of pyinfra's Grand total: operations that changed the node."""
+    for line in proc.stdout.splitlines():
+        if line.strip().startswith("Grand total"):
+            success = line.split()[3]
+            return 0 if success == "-" else int(success)
+    raise AssertionError(f"no results table in:\n{proc.stdout[-2000:]}")
+
+
+@dataclass
+class HttpsLoop:
+    """HTTPS requests through :443 (new connection each) in a thread, bounded in count and
+    time; records how many failed and the longest stretch from a failure to the next success."""
+
+    address: str
+    sni: str
+    ca_file: str
+    max_requests: int = 4000
+    max_seconds: float = 150.0
+    results: list[tuple[float, bool]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ctx = ssl.create_default_context(cafile=self.ca_file)
+
+    def _one(self) -> bool:
+        try:
+            with socket.create_connection((self.address, 443), timeout=2) as raw, \
+                    self._ctx.wrap_socket(raw, server_hostname=self.sni) as tls:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {self.sni}\r\nConnection: close\r\n\r\n"
+                            .encode())
+                return tls.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while (not self._stop.is_set() and len(self.results) < self.max_requests
+               and time.monotonic() < deadline):
+            self.results.append((time.monotonic(), self._one()))
+            time.sleep(0.02)
+
+    def __enter__(self) -> HttpsLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def summary(self) -> tuple[int, int, float]:
+        failed = sum(1 for _, ok in self.results if not ok)
+        longest, start = 0.0, None
+        for t, ok in self.results:
+            if not ok and start is None:
+                start = t
+            elif ok and start is not None:
+                longest, start = max(longest, t - start), None
+        if start is not None:
+            longest = max(longest, self.results[-1][0] - start)
+        return len(self.results), failed, longest
+
+
+def assert_cut_over(lab: Lab) -> None:
+    ports = lab.listeners()
+    assert "caddy" not in ports.get(443, set()) and ports.get(443), ports
+    assert ports[443] <= {"orama-sni-route", "python3", "python"}, ports
+    assert "caddy" in ports.get(8443, set()) and "caddy" in ports.get(8080, set()), ports
+    assert lab.ssh("systemctl is-active orama-sni-router.service").strip() == "active"
+    base = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
+    assert base["ok"], base
+    turn = lab.probe("--sni", f"cdn.{lab.base}", "--turn", "--turn-secret-file",
+                     str(lab.status["turn_secret_file"]))
+    assert turn["ok"], turn
+
+
+def assert_before_state(lab: Lab) -> None:
+    ports = lab.listeners()
+    assert "caddy" in ports.get(443, set()) and "caddy" in ports.get(80, set()), ports
+    assert 8443 not in ports and 8080 not in ports, ports
+    gone = lab.node.ssh("systemctl is-active orama-sni-router.service; "
+                        "test -e /etc/systemd/system/orama-sni-router.service")
+    assert gone.stdout.strip() in ("inactive", "unknown") and gone.returncode != 0
+    assert "orama-stealth managed" not in lab.ssh("cat /etc/caddy/Caddyfile")
+    assert "CAP_NET_BIND_SERVICE" in lab.ssh("systemctl show -P AmbientCapabilities caddy")
+    report = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
+    assert report["ok"], report
+
+
+def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
+    name = str(lab.status["name"])
+    fleet = {"ORAMA_LAB_ROLE": "fleet"}
+    # The canary rule: a fleet host is refused while the canary is not cut over...
+    refused = lab.deploy("cutover", limit=f"{name}-fleet", env=fleet)
+    assert refused.returncode != 0 and "is not cut over" in refused.stdout
+    assert "caddy" in lab.listeners()[443]
+
+    with HttpsLoop(lab.address, lab.base, str(lab.status["ca_file"])) as loop:
+        first = lab.deploy("cutover")
+    assert first.returncode == 0
+    total, failed, window = loop.summary()
+    print(f"FIGURES cutover: {total} HTTPS requests through :443, {failed} failed, "
+          f"longest refusal window {window:.3f}s")
+    assert_cut_over(lab)
+    state = json.loads(lab.ssh("cat /var/lib/orama-stealth/state.json"))
+    assert state["state"] == "cutover"
+
+    again = lab.deploy("cutover")
+    assert again.returncode == 0 and changed(again) == 0
+
+    # ...and, once it is cut over, until it has soaked (checked live, over SSH and :443).
+    early = lab.deploy("cutover", limit=f"{name}-fleet", env=fleet)
+    assert early.returncode != 0 and "needs canary_soak=86400s" in early.stdout
+
+    lab.ssh(f"printf '%s' '{OPERATOR_ROUTE}' >> /etc/orama/sni-router.yaml && "
+            "systemctl reload orama-sni-router")
+    kept = lab.deploy("cutover")
+    assert kept.returncode == 0
+    config = lab.ssh("cat /etc/orama/sni-router.yaml")
+    assert 'shop.example.net' in config and f'"cdn.{lab.base}"' in config
+    check = lab.ssh("/opt/orama/bin/orama-sni-router check --config /etc/orama/sni-router.yaml")
+    assert "shop.example.net" in check
+    assert changed(lab.deploy("cutover")) == 0
+
+    with HttpsLoop(lab.address, lab.base, str(lab.status["ca_file"])) as loop:
+        back = lab.deploy("rollback")
+    assert back.returncode == 0
+    total, failed, window = loop.summary()
+    print(f"FIGURES rollback: {total} HTTPS requests through :443, {failed} failed, "
+          f"longest refusal window {window:.3f}s")
+    assert_before_state(lab)
+    twice = lab.deploy("rollback")
+    assert twice.returncode == 0 and changed(twice) == 0
+    assert_before_state(lab)
+
+
+def _run_until_paused(lab: Lab, step: str, resume: Path | None = None) -> subprocess.Popen[str]:
+    data = [f"pause_after={step}"] + ([f"pause_resume_file={resume}"] if resume else [])
+    proc = subprocess.Popen(lab.argv("cutover", *data), cwd=REPO, env=lab.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 180
+    seen: list[str] = []
+    for line in proc.stdout:
+        seen.append(line)
+        if f"paused after step={step}" in line:
+            return proc
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    proc.wait(timeout=30)
+    raise AssertionError(f"cutover never paused after {step}:\n{''.join(seen)[-3000:]}")
+
+
+def test_rollback_converges_after_a_cutover_killed_after_each_step(lab: Lab) -> None:
+    # One node for every step: each case ends in the before state the next one starts from.
+    for step in ("preflight", "backup", "install", "switch", "verify"):
+        proc = _run_until_paused(lab, step)
+        try:
+            os.kill(proc.pid, signal.SIGKILL)  # really killed, between two operations
+        finally:
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        back = lab.deploy("rollback")
+        assert back.returncode == 0, f"rollback after a cutover killed after {step}"
+        assert_before_state(lab)
+
+
+def test_failed_verify_rolls_back_and_exits_non_zero(lab: Lab, tmp_path: Path) -> None:
+    # Preflight refuses a node whose TURN server is down, so coturn is stopped after it.
+    resume = tmp_path / "resume"
+    proc = _run_until_paused(lab, "preflight", resume)
+    try:
+        lab.ssh("systemctl stop coturn")
+        resume.touch()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    print(out[-4000:])
+    assert proc.returncode != 0
+    assert f"turn cdn.{lab.base} via {lab.address}:443" in out
+    assert "cutover verify failed" in out and "Caddy serves :443 again" in out
+    assert_before_state(lab)
