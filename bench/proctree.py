@@ -16,6 +16,7 @@ _TICK = float(os.sysconf("SC_CLK_TCK"))
 @dataclass(frozen=True, slots=True)
 class TreeSample:
     cpu_s: float  # utime+stime of every live process in the tree, plus reaped children's
+    sys_s: float  # the stime part: kernel work (syscalls, TCP, copies) on the tree's behalf
     rss_kib: int  # sum of VmRSS over the tree
     sockets: int  # socket descriptors open across the tree
     pids: tuple[int, ...]
@@ -76,6 +77,7 @@ def _socket_count(pid: int) -> int:
 def sample(root: int, *, sockets: bool = False) -> TreeSample:
     pids = descendants(root)
     ticks = 0
+    sys_ticks = 0
     rss = 0
     socks = 0
     for pid in pids:
@@ -84,7 +86,9 @@ def sample(root: int, *, sockets: bool = False) -> TreeSample:
             continue
         # Fields after the command: [11] utime [12] stime [13] cutime [14] cstime (0-based here).
         ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        sys_ticks += int(fields[12]) + int(fields[14])
         rss += _rss_kib(pid)
         if sockets:
             socks += _socket_count(pid)
-    return TreeSample(cpu_s=ticks / _TICK, rss_kib=rss, sockets=socks, pids=tuple(pids))
+    return TreeSample(cpu_s=ticks / _TICK, sys_s=sys_ticks / _TICK, rss_kib=rss, sockets=socks,
+                      pids=tuple(pids))

@@ -101,6 +101,7 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, str, str, bool, bool]]]] = {
     "w1_new_conns": ("W1 new TLS connections (wrk, Connection: close)", [
         ("conns_per_s", "conns/s", "{:.0f}", True, True),
         ("proxy_cpu_us_per_conn", "proxy CPU us/conn", "{:.1f}", False, True),
+        ("proxy_sys_share", "kernel share", "{:.0%}", False, False),
         ("errors", "errors", "{:.0f}", False, False)]),
     "w1_latency": ("W1 one connection at a time (connect+handshake+GET)", [
         ("p50_ms", "p50 ms", "{:.3f}", True, True),
@@ -111,14 +112,17 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, str, str, bool, bool]]]] = {
     "w2_keepalive": ("W2 keep-alive requests (wrk)", [
         ("req_per_s", "req/s", "{:.0f}", True, True),
         ("proxy_cpu_us_per_req", "proxy CPU us/req", "{:.2f}", False, True),
+        ("proxy_sys_share", "kernel share", "{:.0%}", False, False),
         ("errors", "errors", "{:.0f}", False, False)]),
     "w3_bulk_1": ("W3 bulk, one download", [
         ("mb_per_s", "MB/s", "{:.0f}", True, True),
         ("proxy_cpu_s_per_gb", "proxy CPU s/GB", "{:.3f}", False, True),
+        ("proxy_sys_share", "kernel share", "{:.0%}", False, False),
         ("errors", "errors", "{:.0f}", False, False)]),
     "w3_bulk_n": ("W3 bulk, parallel downloads", [
         ("mb_per_s", "MB/s", "{:.0f}", True, True),
         ("proxy_cpu_s_per_gb", "proxy CPU s/GB", "{:.3f}", False, True),
+        ("proxy_sys_share", "kernel share", "{:.0%}", False, False),
         ("errors", "errors", "{:.0f}", False, False)]),
     "w4_idle": ("W4 idle routed connections", [
         ("alive", "held", "{:.0f}", False, False),

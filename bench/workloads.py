@@ -22,14 +22,23 @@ Figures = dict[str, float | int | None]
 WORKLOADS = ("w1_new_conns", "w1_latency", "w2_keepalive", "w3_bulk_1", "w3_bulk_n", "w4_idle")
 
 
-def _cpu(ep: Endpoint) -> float | None:
-    return None if ep.pid is None else proctree.sample(ep.pid).cpu_s
+def _cpu(ep: Endpoint) -> proctree.TreeSample | None:
+    return None if ep.pid is None else proctree.sample(ep.pid)
 
 
-def _per(cpu0: float | None, cpu1: float | None, units: float, scale: float) -> float | None:
-    if cpu0 is None or cpu1 is None or units <= 0:
+def _per(
+    s0: proctree.TreeSample | None, s1: proctree.TreeSample | None, units: float, scale: float
+) -> float | None:
+    if s0 is None or s1 is None or units <= 0:
         return None
-    return (cpu1 - cpu0) / units * scale
+    return (s1.cpu_s - s0.cpu_s) / units * scale
+
+
+def _sys_share(s0: proctree.TreeSample | None, s1: proctree.TreeSample | None) -> float | None:
+    """Kernel share of the proxy's CPU: what no user-space change can remove."""
+    if s0 is None or s1 is None or s1.cpu_s <= s0.cpu_s:
+        return None
+    return (s1.sys_s - s0.sys_s) / (s1.cpu_s - s0.cpu_s)
 
 
 def w1_new_conns(ep: Endpoint, s: Settings) -> Figures:
@@ -39,7 +48,8 @@ def w1_new_conns(ep: Endpoint, s: Settings) -> Figures:
     r = loadgen.wrk(ep.port, connections=s.w1_connections, seconds=s.w1_seconds, close=True)
     c1 = _cpu(ep)
     return {"conns_per_s": r.req_per_s, "conns": r.requests, "errors": r.errors,
-            "proxy_cpu_us_per_conn": _per(c0, c1, r.requests, 1e6)}
+            "proxy_cpu_us_per_conn": _per(c0, c1, r.requests, 1e6),
+            "proxy_sys_share": _sys_share(c0, c1)}
 
 
 def w1_latency(ep: Endpoint, origin: Origin, s: Settings) -> Figures:
@@ -54,7 +64,8 @@ def w2_keepalive(ep: Endpoint, s: Settings) -> Figures:
     r = loadgen.wrk(ep.port, connections=s.w2_connections, seconds=s.w2_seconds, close=False)
     c1 = _cpu(ep)
     return {"req_per_s": r.req_per_s, "requests": r.requests, "errors": r.errors,
-            "proxy_cpu_us_per_req": _per(c0, c1, r.requests, 1e6)}
+            "proxy_cpu_us_per_req": _per(c0, c1, r.requests, 1e6),
+            "proxy_sys_share": _sys_share(c0, c1)}
 
 
 def w3_bulk(ep: Endpoint, origin: Origin, streams: int) -> Figures:
@@ -62,7 +73,8 @@ def w3_bulk(ep: Endpoint, origin: Origin, streams: int) -> Figures:
     r = loadgen.curl_parallel(ep.port, origin.ca_file, streams, origin.big_size, timeout=300)
     c1 = _cpu(ep)
     return {"mb_per_s": r.mb_per_s, "bytes": r.bytes, "streams": streams, "errors": r.failures,
-            "proxy_cpu_s_per_gb": _per(c0, c1, r.bytes, 1e9)}
+            "proxy_cpu_s_per_gb": _per(c0, c1, r.bytes, 1e9),
+            "proxy_sys_share": _sys_share(c0, c1)}
 
 
 def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
