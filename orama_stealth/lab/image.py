@@ -139,7 +139,7 @@ def _build(
     mark = cache_dir / f"rootfs-{h}{READY_MARK}"
     tmp = cache_dir / f"rootfs-{h}.tmp"
     build_log = cache_dir / f"rootfs-{h}.build.log"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     mark.unlink(missing_ok=True)
     argv = [
         "mmdebstrap", "--variant=apt", "--mode=root",
@@ -156,13 +156,13 @@ def _build(
         # stdin from /dev/null: mmdebstrap reads extra sources from a non-terminal stdin.
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         tail = build_log.read_text(errors="replace")[-3000:]
         raise ImageError(f"mmdebstrap failed with exit {proc.returncode}; {build_log}:\n{tail}")
     seconds = time.monotonic() - t0
     if rootfs.exists():
-        # Only reached with --force; nodes still running on it keep their open lower layer.
-        shutil.rmtree(rootfs)
+        # Only reached with --force, which the CLI refuses while a node runs on this tree.
+        remove_tree(rootfs)
     tmp.rename(rootfs)
     size = _du(rootfs)
     info: dict[str, object] = {
@@ -176,6 +176,30 @@ def _build(
     mark.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     log(f"event=lab_build_done recipe={h} seconds={seconds:.1f} size_mb={size // 1_000_000}")
     return Image(rootfs, h, info)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.absolute()).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            # Field 5 is the mount point; spaces in it are written as \040.
+            point = line.split()[4].replace("\\040", " ")
+            if point.startswith(prefix) or point == prefix[:-1]:
+                found.append(point)
+    return found
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a half-built tree. A build killed mid-way can leave /proc, /sys or /dev mounted
+    inside it: unmount them first, and never recurse into a mount (that would delete the
+    host's device nodes)."""
+    for point in sorted(_mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, stdin=subprocess.DEVNULL)
+    left = _mounts_under(path)
+    if left:
+        raise ImageError(f"{path}: still mounted after umount: {', '.join(left)}; unmount by hand")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _du(path: Path) -> int:
@@ -198,7 +222,7 @@ def remove_images(cache_dir: Path, keep: set[Path] | None = None) -> list[Path]:
     with file_lock(cache_dir / "build.lock"):
         for p in sorted(cache_dir.glob("rootfs-*")):
             if p.is_dir() and (keep is None or p not in keep):
-                shutil.rmtree(p, ignore_errors=True)
+                remove_tree(p)
                 removed.append(p)
             elif p.is_file() and (keep is None or p.with_suffix("") not in keep):
                 p.unlink(missing_ok=True)

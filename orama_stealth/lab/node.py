@@ -505,7 +505,7 @@ class LabNode:
         if _is_mounted(p.merged):
             raise LabError(f"{p.merged} is still mounted after 8 umounts")
         if p.boot_dir.exists():
-            shutil.rmtree(p.boot_dir)
+            image.remove_tree(p.boot_dir)
             removed.append(f"dir:{p.boot_dir}")
         shutil.rmtree(Path("/run/systemd/nspawn/propagate") / s.name, ignore_errors=True)
         if rec:

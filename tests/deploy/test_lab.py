@@ -64,6 +64,23 @@ def test_recipe_hash_follows_the_recipe(tmp_path: Path) -> None:
         image.recipe(tmp_path / "missing")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_removing_a_half_built_tree_unmounts_inside_it_first(tmp_path: Path) -> None:
+    """A build killed mid-way leaves mounts in its tree; deleting through them could delete
+    what they show (with /dev bound in, the host's device nodes)."""
+    tree = tmp_path / "rootfs.tmp"
+    inner = tree / "dev"
+    inner.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+    try:
+        (inner / "node").write_text("x")
+        image.remove_tree(tree)
+        assert not tree.exists()
+        assert str(inner) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        subprocess.run(["umount", str(inner)], capture_output=True)
+
+
 def test_saved_ca_issues_again(tmp_path: Path) -> None:
     ca = TestCA()
     ca.write_ca(tmp_path / "ca.crt")
