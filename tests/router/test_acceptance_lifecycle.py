@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import threading
@@ -220,3 +221,51 @@ def test_non_tls_fallback_sends_plain_bytes_to_the_fallback(
     ):
         s.sendall(b"HELLO\n")
         assert parse_ident(recv_all(s))["backend"] == "plain"
+
+
+def test_sigusr1_logs_a_counters_snapshot(
+    tmp_path: Path, pki: Pki, farm: dict[str, Backend]
+) -> None:
+    routes = [("cdn.example.test", ("turn", farm["turn"].addr))]
+    with router(tmp_path, routes=routes, fallback=("caddy", farm["caddy"].addr), workers=2) as r:
+        assert hello(r.port, "cdn.example.test", pki)["backend"] == "turn"
+        r.settled_metric('connections_total{backend="turn"}')
+        r.signal(signal.SIGUSR1)
+        line = r.wait_log(r"event=stats")
+        assert "counters snapshot" in line
+        assert r.proc.poll() is None
+
+
+def test_reload_applies_a_new_per_ip_cap(
+    tmp_path: Path, pki: Pki, farm: dict[str, Backend]
+) -> None:
+    routes = [("cdn.example.test", ("turn", farm["turn"].addr))]
+    with (
+        router(
+            tmp_path,
+            routes=routes,
+            fallback=("caddy", farm["caddy"].addr),
+            workers=2,
+            max_conns_per_ip=3,
+        ) as r,
+        tls_connect(r.port, "cdn.example.test", pki, source="127.0.0.71") as parked,
+    ):
+        parked.sendall(b"WAIT\n")
+        assert hello(r.port, "cdn.example.test", pki, source="127.0.0.71")["backend"] == "turn"
+        r.write_config(r.config.read_text().replace("max_conns_per_ip: 3", "max_conns_per_ip: 1"))
+        r.hup()
+        r.wait_log(r"event=reloaded")
+        # Workers take the new config a moment after the supervisor logs it.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                hello(r.port, "cdn.example.test", pki, source="127.0.0.71")
+            except (OSError, ssl.SSLError, ValueError, IndexError):
+                break
+            time.sleep(0.1)
+        # The parked connection holds this address's only slot now, on whichever worker: every
+        # new try from it is refused, other addresses still pass.
+        for _ in range(4):
+            with pytest.raises((OSError, ssl.SSLError, ValueError, IndexError)):
+                hello(r.port, "cdn.example.test", pki, source="127.0.0.71")
+        assert hello(r.port, "cdn.example.test", pki, source="127.0.0.72")["backend"] == "turn"

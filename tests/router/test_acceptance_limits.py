@@ -116,8 +116,13 @@ def test_per_ip_cap_refuses_that_address_only(
         assert r.wait_metric('limit_refusals_total{limit="per_ip"}', 1.0) >= 1.0
 
 
+@pytest.mark.parametrize(
+    "first_bytes",
+    [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],
+    ids=["silent", "partial-hello"],
+)
 def test_unfinished_hello_is_closed_at_client_hello_timeout(
-    tmp_path: Path, pki: Pki, turn: Backend, caddy: Backend
+    tmp_path: Path, pki: Pki, turn: Backend, caddy: Backend, first_bytes: bytes
 ) -> None:
     with (
         router(
@@ -129,7 +134,7 @@ def test_unfinished_hello_is_closed_at_client_hello_timeout(
         ) as r,
         socket.create_connection(("127.0.0.1", r.port), timeout=20) as s,
     ):
-        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a hello that never ends
+        s.sendall(first_bytes)  # and then nothing more, ever
         assert s.recv(100) == b""  # closed by the router, not by our 20s timeout
         line = r.wait_log(r"ClientHello peek failed")
         assert "reason=timeout" in line

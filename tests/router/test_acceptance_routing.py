@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,23 @@ def test_check_rejects_a_bad_file_with_its_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "bad.yaml:4" in out.stderr and "fallback.addr" in out.stderr
+
+
+def test_concurrent_clients_each_reach_their_own_backend(rt: Router, pki: Pki) -> None:
+    names = {
+        "cdn.example.test": "turn",
+        "q.cdn.example.test": "wild",
+        "pinned.cdn.example.test": "exact-under-wild",
+        "w.example.test": "caddy",
+    }
+    jobs = [list(names)[i % len(names)] for i in range(160)]
+
+    def one(sni: str) -> tuple[str, str, str]:
+        got = hello(rt.port, sni, pki)
+        return sni, got["backend"], got["sni"]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(one, jobs, timeout=120))
+    assert len(results) == len(jobs)
+    for sni, backend, seen_sni in results:
+        assert (backend, seen_sni) == (names[sni], sni)
