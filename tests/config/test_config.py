@@ -159,7 +159,8 @@ listeners:
             "expected one of drop, fallback",
         ),
         (
-            "fallback: {name: c, addr: '127.0.0.1:1'}\nlisteners:\n  - {name: http, listen: ':80'}\n",
+            "fallback: {name: c, addr: '127.0.0.1:1'}\n"
+            "listeners:\n  - {name: http, listen: ':80'}\n",
             3,
             "listeners[0].backend",
             "tcp listener forwards",

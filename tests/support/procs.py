@@ -18,12 +18,16 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process {proc.args!r} exited with {proc.returncode} before listening on {port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
@@ -49,21 +53,32 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
 
 @contextlib.contextmanager
 def running(
-    argv: Sequence[str | Path], *, log: Path, wait_for: tuple[str, int] | None = None,
-    timeout: float = 15.0, env: dict[str, str] | None = None, cwd: Path | None = None,
+    argv: Sequence[str | Path],
+    *,
+    log: Path,
+    wait_for: tuple[str, int] | None = None,
+    timeout: float = 15.0,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run argv with output to `log`; wait for its port; stop it afterwards even on failure."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            [str(a) for a in argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
         )
     try:
         if wait_for is not None:
             try:
                 wait_port(*wait_for, timeout=timeout, proc=proc)
             except Exception as e:
-                raise RuntimeError(f"{e}\n--- {log} ---\n{log.read_text(errors='replace')[-4000:]}") from e
+                raise RuntimeError(
+                    f"{e}\n--- {log} ---\n{log.read_text(errors='replace')[-4000:]}"
+                ) from e
         yield proc
     finally:
         stop(proc)
