@@ -115,6 +115,14 @@ def _sockname(sock: socket.socket) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container or CPUAffinity= may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _raise_nofile() -> None:
     """Two descriptors per routed connection: take the whole hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -153,7 +161,7 @@ class Supervisor:
     def __init__(self, cfg: RouterConfig, log: Logger) -> None:
         self.cfg = cfg
         self.log = log
-        self.nworkers = cfg.workers or os.cpu_count() or 1
+        self.nworkers = cfg.workers or usable_cpus()
         self.listeners: list[tuple[Listener, socket.socket]] = []
         self.slots = [WorkerSlot(i) for i in range(self.nworkers)]
         self.table: SharedTable | None = None

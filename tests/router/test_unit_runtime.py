@@ -449,3 +449,36 @@ def test_idle_connections_are_closed_after_idle_timeout(tmp_path: Path) -> None:
                 assert tag == b"fallback\n"
                 assert read_line(s) == b"x\n"
                 assert closed_by_peer(s)
+
+
+def test_listen_port_only_is_dual_stack(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this build")
+    with tag_server("fallback") as fb:
+        port = free_port()
+        text = config_yaml(port, fb.port).replace(f'"{LOOPBACK}:{port}"', f'":{port}"')
+        with router(tmp_path, text, port) as r:
+            assert re.search(rf"socket=\[::\]:{port} how=bound", r.text())
+            for host in (LOOPBACK, "::1"):
+                with socket.create_connection((host, port), timeout=10) as s:
+                    s.sendall(b"hi\n")
+                    assert read_line(s) == b"fallback\n"
+
+
+def test_sigusr1_logs_a_counters_snapshot(tmp_path: Path) -> None:
+    with tag_server("fallback") as fb:
+        port = free_port()
+        with router(tmp_path, config_yaml(port, fb.port, workers=2), port) as r:
+            for _ in range(3):
+                s, tag = connect(port, b"x\n")
+                s.close()
+                assert tag == b"fallback\n"
+            deadline = time.monotonic() + 10
+            while True:
+                r.signal(signal.SIGUSR1)
+                time.sleep(0.3)
+                lines = [x for x in r.text().splitlines() if "event=stats" in x]
+                if lines and "conns.fb=3 " in lines[-1]:
+                    break
+                assert time.monotonic() < deadline, lines
+            assert 'msg="counters snapshot"' in lines[-1] and "workers=2" in lines[-1]
