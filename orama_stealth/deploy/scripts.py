@@ -75,13 +75,16 @@ def rollback(caddyfile: str, state_json: str) -> str:
     """From any state (half-done cutover included): router stopped, disabled and its unit gone,
     Caddy's files restored from the pre-cutover backup (or managed blocks stripped when there
     is none), Caddy restarted with its own capabilities on :443/:80.
-    The router config stays: it holds operator routes the next cutover keeps."""
+    The router config stays: it holds operator routes the next cutover keeps.
+
+    Caddy is restarted as soon as the router has let go of :443/:80, not after the router's
+    drain: draining can take `drain_timeout`, and :443 would refuse connections all along."""
     cf = shlex.quote(caddyfile)
     p = layout.BACKUP_POINTER
+    held = "ss -ltnH '( sport = :443 or sport = :80 )' | grep -q ."
     lines = [
         "set -u",
-        f"systemctl disable -q --now {UNIT} 2>/dev/null || true",
-        f"systemctl stop {UNIT} 2>/dev/null || true",
+        f"systemctl disable -q {UNIT} 2>/dev/null || true",
         f"if [ -d {p}/ ]; then",
     ]
     for name, path in layout.backed_up_files(caddyfile).items():
@@ -102,10 +105,17 @@ def rollback(caddyfile: str, state_json: str) -> str:
         f"rmdir --ignore-fail-on-non-empty {shlex.quote(layout.CADDY_DROPIN.rsplit('/', 1)[0])}"
         " 2>/dev/null",
         "systemctl daemon-reload",
-        f"systemctl reset-failed {UNIT} 2>/dev/null",
+        # A stop job (not a kill): Restart=always must not bring the router back.
+        f"if systemctl is-active -q {UNIT}; then",
+        f"  systemctl stop --no-block {UNIT}",
+        f"  for i in $(seq 1 100); do {held} || break; sleep 0.1; done",
+        "fi",
         "systemctl restart caddy.service || exit 1",
+        f"systemctl stop {UNIT} 2>/dev/null",
+        f"systemctl reset-failed {UNIT} 2>/dev/null",
         f"rm -f {p}",
         f"mkdir -p {layout.STATE_DIR}",
         f"printf '%s\\n' {shlex.quote(state_json)} > {layout.STATE_FILE}",
+        "true",
     ]
     return "\n".join(lines)

@@ -191,7 +191,7 @@ def assert_before_state(lab: Lab) -> None:
                         "test -e /etc/systemd/system/orama-sni-router.service")
     assert gone.stdout.strip() in ("inactive", "unknown") and gone.returncode != 0
     assert "orama-stealth managed" not in lab.ssh("cat /etc/caddy/Caddyfile")
-    assert "CAP_NET_BIND_SERVICE" in lab.ssh("systemctl show -P AmbientCapabilities caddy")
+    assert "cap_net_bind_service" in lab.ssh("systemctl show -P AmbientCapabilities caddy").lower()
     report = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
     assert report["ok"], report
 
