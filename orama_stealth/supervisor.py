@@ -42,7 +42,7 @@ class BindError(Exception):
     pass
 
 
-def _bind(listener: Listener) -> socket.socket:
+def _bind(listener: Listener, reuseport: bool = False) -> socket.socket:
     """Dual-stack for ":port" (IPv4 arrives as ::ffff:a.b.c.d), plain IPv4 where v6 is absent."""
     host, port = listener.host, listener.port
     candidates: list[tuple[int, tuple[str, int]]] = []
@@ -59,6 +59,8 @@ def _bind(listener: Listener) -> socket.socket:
         s = socket.socket(family, socket.SOCK_STREAM)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuseport:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6 and host == "":
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.bind(addr)
@@ -75,36 +77,64 @@ def _bind(listener: Listener) -> socket.socket:
 
 
 def open_listeners(
-    cfg: RouterConfig, inherited: list[tuple[str, socket.socket]], log: Logger
-) -> list[tuple[Listener, socket.socket]]:
-    """Match systemd's sockets to listeners by name, else by order; bind the rest ourselves."""
+    cfg: RouterConfig, inherited: list[tuple[str, socket.socket]], log: Logger, workers: int = 1
+) -> list[tuple[Listener, list[socket.socket]]]:
+    """Sockets per listener: one per worker when we bind, one shared when systemd passed it.
+
+    Binding one SO_REUSEPORT socket per worker lets the kernel hand each new connection to
+    exactly one worker; a single shared socket wakes every worker for every connection (only
+    one wins the accept). Sockets from systemd are matched to listeners by name, else by order.
+    """
     by_name = {name: s for name, s in inherited if name}
     known = {li.name for li in cfg.listeners}
     unnamed = [s for name, s in inherited if not name or name not in known]
-    out: list[tuple[Listener, socket.socket]] = []
+    out: list[tuple[Listener, list[socket.socket]]] = []
     try:
         for i, li in enumerate(cfg.listeners):
             sock = by_name.pop(li.name, None)
-            how = "inherited"
             if sock is None and unnamed and i < len(inherited):
                 sock = unnamed.pop(0)
-            if sock is None:
-                sock = _bind(li)
+            if sock is not None:
+                sock.setblocking(False)
+                socks = [sock]
+                how = "inherited"
+            elif workers > 1:
+                socks = []
+                out.append((li, socks))  # so a failure below closes what was bound
+                for _ in range(workers):
+                    socks.append(_bind(li, reuseport=True))
+                out.pop()
                 how = "bound"
-            sock.setblocking(False)
-            out.append((li, sock))
+            else:
+                socks = [_bind(li)]
+                how = "bound"
+            for sock in socks:
+                defer_accept(sock, li, cfg.client_hello_timeout)
+            out.append((li, socks))
             log.info(
                 "listening", "listener open", listener=li.name, addr=li.addr, mode=li.mode,
-                socket=_sockname(sock), how=how,
+                socket=_sockname(socks[0]), how=how, sockets=len(socks),
             )
     except BaseException:
-        for _li, s in out:
-            s.close()
+        for _li, socks in out:
+            for s in socks:
+                s.close()
         raise
     for s in [*by_name.values(), *unnamed]:
         log.warn("listen_fd_unused", "inherited socket matches no listener", socket=_sockname(s))
         s.close()
     return out
+
+
+def defer_accept(sock: socket.socket, listener: Listener, seconds: float) -> None:
+    """TLS clients speak first: let the kernel hand over a connection only once its hello (or
+    any byte) arrived. The worker then reads the hello right after accept without registering
+    with the loop or arming a timer, and connections that never speak cost nothing. Not for
+    `mode: tcp` listeners, whose protocol may have the server speak first."""
+    if listener.mode != "tls" or not hasattr(socket, "TCP_DEFER_ACCEPT"):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(seconds + 0.999)))
 
 
 def _sockname(sock: socket.socket) -> str:
@@ -162,7 +192,7 @@ class Supervisor:
         self.cfg = cfg
         self.log = log
         self.nworkers = cfg.workers or usable_cpus()
-        self.listeners: list[tuple[Listener, socket.socket]] = []
+        self.listeners: list[tuple[Listener, list[socket.socket]]] = []
         self.slots = [WorkerSlot(i) for i in range(self.nworkers)]
         self.table: SharedTable | None = None
         self.region: StatsRegion | None = None
@@ -183,7 +213,7 @@ class Supervisor:
     def start(self) -> None:
         _raise_nofile()
         inherited = sd.listen_fds()
-        self.listeners = open_listeners(self.cfg, inherited, self.log)
+        self.listeners = open_listeners(self.cfg, inherited, self.log, self.nworkers)
         if self.cfg.metrics_listen is not None:
             host, port = self.cfg.metrics_listen
             fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -210,6 +240,10 @@ class Supervisor:
         for slot in self.slots:
             self._spawn(slot)
 
+    def worker_sockets(self, index: int) -> list[tuple[Listener, socket.socket]]:
+        """Worker `index`'s own socket of each listener (the shared one when there is one)."""
+        return [(li, socks[index % len(socks)]) for li, socks in self.listeners]
+
     def _spawn(self, slot: WorkerSlot) -> None:
         assert self.region is not None
         parent, child = socket.socketpair()
@@ -219,7 +253,7 @@ class Supervisor:
             code = 70
             try:
                 parent.close()
-                self._in_child()
+                self._in_child(slot.index)
                 admission = (
                     self.table.for_worker(
                         slot.index, self.cfg.max_concurrent_conns, self.cfg.max_conns_per_ip
@@ -230,7 +264,8 @@ class Supervisor:
                 log = Logger(worker=slot.index)
                 self.region.clear(slot.index)
                 code = Worker(
-                    slot.index, self.cfg, self.listeners, admission, self.region, child, log
+                    slot.index, self.cfg, self.worker_sockets(slot.index), admission,
+                    self.region, child, log,
                 ).run()
             except BaseException:
                 with contextlib.suppress(BaseException):
@@ -249,8 +284,17 @@ class Supervisor:
         parent.setblocking(False)
         self.sel.register(parent, selectors.EVENT_READ, slot)
 
-    def _in_child(self) -> None:
-        """Drop everything that belongs to the supervisor."""
+    def _in_child(self, index: int) -> None:
+        """Drop everything that belongs to the supervisor or to other workers.
+
+        Other workers' listening sockets must go too: a copy left open here would keep a
+        draining worker's accept queue alive, and connections would wait in it for nobody.
+        """
+        mine = {id(s) for _li, s in self.worker_sockets(index)}
+        for _li, socks in self.listeners:
+            for s in socks:
+                if id(s) not in mine:
+                    s.close()
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -337,7 +381,7 @@ class Supervisor:
                     self.loop_name = words[1]
         if not self.announced and all(s.ready for s in self.slots):
             self.announced = True
-            names = ",".join(f"{li.name}={_sockname(s)}" for li, s in self.listeners)
+            names = ",".join(f"{li.name}={_sockname(s[0])}" for li, s in self.listeners)
             self.log.info(
                 "ready", "router ready", listeners=names, workers=self.nworkers,
                 loop=self.loop_name, routes=len(self.cfg.routes), pid=os.getpid(),
@@ -411,8 +455,9 @@ class Supervisor:
             drain_timeout=self.cfg.drain_timeout,
         )
         # Close our copies so the kernel stops queueing connections nobody will accept.
-        for _li, s in self.listeners:
-            s.close()
+        for _li, socks in self.listeners:
+            for s in socks:
+                s.close()
         for slot in self.slots:
             if slot.pid:
                 with contextlib.suppress(ProcessLookupError):

@@ -455,14 +455,22 @@ def test_listen_port_only_is_dual_stack(tmp_path: Path) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this build")
     with tag_server("fallback") as fb:
-        port = free_port()
-        text = config_yaml(port, fb.port).replace(f'"{LOOPBACK}:{port}"', f'":{port}"')
-        with router(tmp_path, text, port) as r:
-            assert re.search(rf"socket=\[::\]:{port} how=bound", r.text())
-            for host in (LOOPBACK, "::1"):
-                with socket.create_connection((host, port), timeout=10) as s:
-                    s.sendall(b"hi\n")
-                    assert read_line(s) == b"fallback\n"
+        # A wildcard bind collides with the port on any address; other suites share this
+        # machine, so a taken port is retried with another one.
+        for attempt in range(5):
+            port = free_port()
+            text = config_yaml(port, fb.port).replace(f'"{LOOPBACK}:{port}"', f'":{port}"')
+            try:
+                with router(tmp_path, text, port) as r:
+                    assert re.search(rf"socket=\[::\]:{port} how=bound", r.text())
+                    for host in (LOOPBACK, "::1"):
+                        with socket.create_connection((host, port), timeout=10) as s:
+                            s.sendall(b"hi\n")
+                            assert read_line(s) == b"fallback\n"
+                return
+            except AssertionError as e:
+                if "Address already in use" not in str(e) or attempt == 4:
+                    raise
 
 
 def test_sigusr1_logs_a_counters_snapshot(tmp_path: Path) -> None:
