@@ -63,7 +63,9 @@ echo "caddy_active=$(systemctl is-active caddy.service 2>/dev/null)"
 echo "router_active=$(systemctl is-active {layout.ROUTER_UNIT_NAME} 2>/dev/null)"
 echo "router_enabled=$(systemctl is-enabled {layout.ROUTER_UNIT_NAME} 2>/dev/null)"
 echo "caddy_needs_reload=$(systemctl show -P NeedDaemonReload caddy.service 2>/dev/null)"
-[ -e {layout.ROUTER_UNIT} ] && echo router_unit=yes
+for f in {layout.ROUTER_UNIT} {" ".join(layout.SOCKET_UNITS)}; do
+  [ -e "$f" ] && echo router_unit=yes
+done
 [ -e {layout.CADDY_DROPIN} ] && echo caddy_dropin=yes
 grep -q '^# >>> orama-stealth managed' {cf} 2>/dev/null && echo caddyfile_managed=yes
 [ -e {layout.BACKUP_POINTER} ] && echo "backup=$(readlink {layout.BACKUP_POINTER})"

@@ -18,6 +18,11 @@ INSTALLED_MARK = f"{VENV}/.orama-stealth-build"
 ROUTER_CONFIG = "/etc/orama/sni-router.yaml"
 ROUTER_UNIT_NAME = "orama-sni-router.service"
 ROUTER_UNIT = f"/etc/systemd/system/{ROUTER_UNIT_NAME}"
+# Socket units hold :443/:80 for the router; FileDescriptorName matches the listener names
+# of sni-router.yaml ("https" is the main TLS listener, "http" the plain :80 forward).
+SOCKETS = {"https": 443, "http": 80}
+SOCKET_UNIT_NAMES = tuple(f"orama-sni-router-{name}.socket" for name in SOCKETS)
+SOCKET_UNITS = tuple(f"/etc/systemd/system/{unit}" for unit in SOCKET_UNIT_NAMES)
 CADDY_DROPIN = "/etc/systemd/system/caddy.service.d/orama-stealth.conf"
 
 DEFAULT_CADDYFILE = "/etc/caddy/Caddyfile"
@@ -30,4 +35,5 @@ def backed_up_files(caddyfile: str) -> dict[str, str]:
         "caddy-dropin.conf": CADDY_DROPIN,
         "sni-router.yaml": ROUTER_CONFIG,
         "orama-sni-router.service": ROUTER_UNIT,
+        **{unit: f"/etc/systemd/system/{unit}" for unit in SOCKET_UNIT_NAMES},
     }

@@ -197,10 +197,13 @@ def install_router() -> Commands:
 
 @operation()
 def router_unit() -> Commands:
-    """The hardened systemd unit of the router."""
+    """The hardened systemd unit of the router and the socket units holding :443/:80."""
     s = settings()
     yield from files.put._inner(src=StringIO(render.router_unit(s)), dest=layout.ROUTER_UNIT,
                                 mode="644")
+    for fd_name, path in zip(layout.SOCKETS, layout.SOCKET_UNITS, strict=True):
+        yield from files.put._inner(src=StringIO(render.router_socket(fd_name)), dest=path,
+                                    mode="644")
 
 
 @operation()

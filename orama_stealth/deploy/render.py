@@ -48,11 +48,17 @@ def router_unit(s: NodeSettings, router_bin: str = layout.ROUTER_BIN,
                 config_path: str = layout.ROUTER_CONFIG, drain_timeout: int = 30) -> str:
     return render(
         "orama-sni-router.service.j2",
+        socket_units=list(layout.SOCKET_UNIT_NAMES),
         router_bin=router_bin,
         config_path=config_path,
         stop_timeout=f"{drain_timeout + 15}s",
         limit_nofile=max(65536, 2 * s.max_concurrent_conns + 1024),
     )
+
+
+def router_socket(fd_name: str) -> str:
+    port = layout.SOCKETS[fd_name]
+    return render("orama-sni-router.socket.j2", port=port, fd_name=fd_name, port_label=f":{port}")
 
 
 def caddy_dropin(s: NodeSettings) -> str:

@@ -8,6 +8,8 @@ import shlex
 from orama_stealth.deploy import layout
 
 UNIT = layout.ROUTER_UNIT_NAME
+SOCKETS = " ".join(layout.SOCKET_UNIT_NAMES)
+ALL_UNITS = f"{SOCKETS} {UNIT}"
 
 
 def backup(caddyfile: str) -> str:
@@ -64,10 +66,11 @@ def install_checked(staged: str, dest: str, check: str, then: str = "") -> str:
 
 
 SWITCH = (
-    # One command: stop Caddy and start the router back to back, so :443 refuses connections
-    # only for the router's start-up time.
-    f"systemctl daemon-reload && systemctl enable -q {UNIT} && "
-    f"systemctl stop caddy.service && systemctl start {UNIT} && systemctl start caddy.service"
+    # One command: the socket units bind :443/:80 the moment Caddy has let go of them, so
+    # clients wait in the backlog while the router starts instead of being refused.
+    f"systemctl daemon-reload && systemctl enable -q {ALL_UNITS} && "
+    f"systemctl stop caddy.service && systemctl start {SOCKETS} && systemctl start {UNIT} && "
+    "systemctl start caddy.service"
 )
 
 
@@ -84,7 +87,7 @@ def rollback(caddyfile: str, state_json: str) -> str:
     held = "ss -ltnH '( sport = :443 or sport = :80 )' | grep -q ."
     lines = [
         "set -u",
-        f"systemctl disable -q {UNIT} 2>/dev/null || true",
+        f"systemctl disable -q {ALL_UNITS} 2>/dev/null || true",
         f"if [ -d {p}/ ]; then",
     ]
     for name, path in layout.backed_up_files(caddyfile).items():
@@ -97,7 +100,7 @@ def rollback(caddyfile: str, state_json: str) -> str:
         ]
     lines += [
         "else",
-        f"  rm -f {layout.ROUTER_UNIT} {layout.CADDY_DROPIN}",
+        f"  rm -f {layout.ROUTER_UNIT} {' '.join(layout.SOCKET_UNITS)} {layout.CADDY_DROPIN}",
         "fi",
         # Belt and braces: no managed block survives, whatever the backup held.
         f"[ -f {cf} ] && sed -i '/^[[:space:]]*# >>> orama-stealth managed/,"
@@ -106,13 +109,17 @@ def rollback(caddyfile: str, state_json: str) -> str:
         " 2>/dev/null",
         "systemctl daemon-reload",
         # A stop job (not a kill): Restart=always must not bring the router back.
-        f"if systemctl is-active -q {UNIT}; then",
-        f"  systemctl stop --no-block {UNIT}",
+        f"if systemctl is-active -q {ALL_UNITS}; then",
+        f"  systemctl stop --no-block {ALL_UNITS}",
         f"  for i in $(seq 1 100); do {held} || break; sleep 0.1; done",
         "fi",
         "systemctl restart caddy.service || exit 1",
-        f"systemctl stop {UNIT} 2>/dev/null",
-        f"systemctl reset-failed {UNIT} 2>/dev/null",
+        # Caddy's restart closed every relayed connection to it; give the drain a few seconds
+        # for the rest, then end it (the pending stop job keeps Restart=always from acting).
+        f"for i in $(seq 1 50); do systemctl is-active -q {UNIT} || break; sleep 0.1; done",
+        f"systemctl is-active -q {UNIT} && systemctl kill -s SIGKILL {UNIT}",
+        f"systemctl stop {ALL_UNITS} 2>/dev/null",
+        f"systemctl reset-failed {ALL_UNITS} 2>/dev/null",
         f"rm -f {p}",
         f"mkdir -p {layout.STATE_DIR}",
         f"printf '%s\\n' {shlex.quote(state_json)} > {layout.STATE_FILE}",

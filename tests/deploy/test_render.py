@@ -188,6 +188,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, certs: tuple[str, str
     config.write_text(render.router_config(s))
     unit = render.router_unit(s, router_bin=ROUTER, config_path=str(config))
     (tmp_path / "orama-sni-router.service").write_text(unit)
+    for fd_name in ("https", "http"):
+        (tmp_path / f"orama-sni-router-{fd_name}.socket").write_text(render.router_socket(fd_name))
     # Debian's caddy.service, with this machine's caddy, to load the drop-in against.
     (tmp_path / "caddy.service").write_text(
         "[Unit]\nDescription=Caddy\nAfter=network.target network-online.target\n"
@@ -195,7 +197,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, certs: tuple[str, str
         "AmbientCapabilities=CAP_NET_BIND_SERVICE\n[Install]\nWantedBy=multi-user.target\n")
     (tmp_path / "caddy.service.d").mkdir()
     (tmp_path / "caddy.service.d" / "orama-stealth.conf").write_text(render.caddy_dropin(s))
-    for name in ("orama-sni-router.service", "caddy.service"):
+    for name in ("orama-sni-router.service", "orama-sni-router-https.socket",
+                 "orama-sni-router-http.socket", "caddy.service"):
         out = _verify_units(tmp_path, name)
         assert out.returncode == 0, out.stderr
         ours = [line for line in out.stderr.splitlines() if str(tmp_path) in line]
@@ -206,6 +209,12 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, certs: tuple[str, str
                       "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always",
                       "SystemCallFilter=@system-service"):
         assert directive in unit.splitlines()
+    sockets = {f: render.router_socket(f) for f in ("https", "http")}
+    assert "ListenStream=443" in sockets["https"] and "FileDescriptorName=https" in sockets["https"]
+    assert "ListenStream=80" in sockets["http"] and "FileDescriptorName=http" in sockets["http"]
+    # The names must be the router config's listener names, or the router binds on its own.
+    names = {li.name for li in parse_config(render.router_config(s)).listeners}
+    assert names == set(sockets)
 
 
 def test_a_broken_unit_is_caught_by_the_same_check(tmp_path: Path) -> None:
