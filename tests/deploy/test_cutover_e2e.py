@@ -227,6 +227,9 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     # ...and, once it is cut over, until it has soaked (checked live, over SSH and :443).
     early = lab.deploy("cutover", limit=f"{name}-fleet", env=fleet)
     assert early.returncode != 0 and "needs canary_soak=86400s" in early.stdout
+    # The override lets it through (the same node: nothing left to change).
+    soaked = lab.deploy("cutover", "canary_soak=0", limit=f"{name}-fleet", env=fleet)
+    assert soaked.returncode == 0 and changed(soaked) == 0
 
     lab.ssh(f"printf '%s' '{OPERATOR_ROUTE}' >> /etc/orama/sni-router.yaml && "
             "systemctl reload orama-sni-router")
