@@ -108,6 +108,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if not a.no_install:
         sysinfo.ensure_tools()
     started = dt.datetime.now(dt.UTC)
+    # Read before the run: other commits may land while it runs.
+    versions = sysinfo.versions()
     t0 = time.monotonic()
     runs: list[dict[str, Any]] = []
     _log(f"mode={'smoke' if a.smoke else 'full'} targets={','.join(a.targets)} "
@@ -128,7 +130,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "mode": "smoke" if a.smoke else "full",
         "settings": dataclasses.asdict(s),
         "machine": sysinfo.machine(),
-        "versions": sysinfo.versions(),
+        "versions": versions,
         "targets": a.targets,
         "workloads": list(workloads.WORKLOADS),
         "runs": runs,

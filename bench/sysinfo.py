@@ -74,13 +74,24 @@ def _version(argv: list[str], pattern: str) -> str:
     return m.group(1) if m else line
 
 
+def _commit(root: Path) -> str:
+    """HEAD, marked "+dirty" when the router's sources differ from it (an editable install
+    runs the working tree, not the commit)."""
+    head = _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    status = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--", "orama_stealth"],
+        capture_output=True, text=True, timeout=10, check=False,
+    )
+    return head + ("+dirty" if status.stdout.strip() else "")
+
+
 def versions() -> dict[str, str]:
     root = Path(__file__).resolve().parent.parent
     return {
         "python": sys.version.split()[0],
         "uvloop": _pkg("uvloop"),
         "orama_stealth": _pkg("orama-stealth"),
-        "git_commit": _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"]),
+        "git_commit": _commit(root),
         "haproxy": _version([which("haproxy") or "haproxy", "-v"], r"version (\S+)"),
         "nginx": _version([which("nginx") or "nginx", "-v"], r"nginx/(\S+)"),
         "openssl": _version(["openssl", "version"], r"OpenSSL (\S+)"),
