@@ -223,6 +223,9 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
 
     again = lab.deploy("cutover")
     assert again.returncode == 0 and changed(again) == 0
+    watch = lab.deploy("verify")
+    assert watch.returncode == 0 and changed(watch) == 0
+    assert f"probe ok: turn cdn.{lab.base} via {lab.address}:443" in watch.stdout
 
     # ...and, once it is cut over, until it has soaked (checked live, over SSH and :443).
     early = lab.deploy("cutover", limit=f"{name}-fleet", env=fleet)
@@ -251,6 +254,10 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     twice = lab.deploy("rollback")
     assert twice.returncode == 0 and changed(twice) == 0
     assert_before_state(lab)
+    # Watching a rolled-back node reports what is missing: the stealth path is gone.
+    watch = lab.deploy("verify")
+    assert watch.returncode != 0
+    assert f"probe FAILED: turn cdn.{lab.base} via {lab.address}:443" in watch.stdout
 
 
 def _run_until_paused(lab: Lab, step: str, resume: Path | None = None) -> subprocess.Popen[str]:
