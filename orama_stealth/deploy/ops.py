@@ -157,8 +157,9 @@ def preflight() -> Commands:
         problems.append(f"router config: {exc}")
     else:
         staged = _stage(caddyfile, "Caddyfile")
+        # Caddy logs JSON at info level before the verdict; keep the lines that explain it.
         ok, out = _run(f"{AS_CADDY} caddy validate --adapter caddyfile --config {staged} 2>&1"
-                       " | tail -n 5")
+                       " | grep -v '\"level\":\"info\"' | tail -n 3")
         if not (ok and "Valid configuration" in out):
             problems.append(f"new Caddyfile fails `caddy validate` on the node: {out}")
         else:

@@ -206,6 +206,13 @@ def assert_before_state(lab: Lab) -> None:
 def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     name = str(lab.status["name"])
     fleet = {"ORAMA_LAB_ROLE": "fleet"}
+    # Preflight refuses what the node cannot do, before touching anything: Debian's Caddy 2.6
+    # has no PROXY protocol listener.
+    refused = lab.deploy("cutover", "proxy_protocol=v2")
+    assert refused.returncode != 0
+    assert "no caddy.listeners.proxy_protocol module" in refused.stdout
+    assert lab.node.ssh("test -e /var/lib/orama-stealth/backups").returncode != 0
+    assert_before_state(lab)
     # The canary rule: a fleet host is refused while the canary is not cut over...
     refused = lab.deploy("cutover", limit=f"{name}-fleet", env=fleet)
     assert refused.returncode != 0 and "is not cut over" in refused.stdout
