@@ -24,6 +24,9 @@ from bench.settings import FULL
 from bench.targets import start
 
 CHOICES = ("w1_new_conns", "w2_keepalive", "w3_bulk_1")
+# With --native py-spy cannot tell a worker blocked in epoll from one running: those samples
+# are waiting, not work, and are left out of the shares.
+_WAITING = ("epoll_wait", "epoll_pwait", "epoll_pwait2")
 
 
 def _frame(f: str) -> str:
@@ -37,19 +40,23 @@ def top(raw: Path, n: int = 25) -> str:
     self_t: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     total = 0
+    waiting = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         c = int(count)
         frames = [_frame(f) for f in stack.split(";")]
+        if frames[-1].split(" ", 1)[0] in _WAITING:
+            waiting += c
+            continue
         total += c
         self_t[frames[-1]] += c
         for f in set(frames):
             incl[f] += c
     if not total:
         return "no samples (is py-spy allowed to ptrace the router?)"
-    out = [f"{total} samples"]
+    out = [f"{total} samples at work ({waiting} more waiting in epoll, left out)"]
     for title, counter in (("self", self_t), ("inclusive", incl)):
         out.append(f"\ntop {n} by {title} samples:")
         out += [f"{c / total:6.1%}  {f}" for f, c in counter.most_common(n)]

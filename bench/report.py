@@ -145,6 +145,13 @@ def _fmt(fmt: str, v: float | None) -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def _num(v: float | None) -> str:
+    """Three significant digits or more, without noise decimals on large figures."""
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
+
+
 def _ratio(v: float | None, base: float | None) -> str:
     return "-" if v is None or not base else f"{v / base:.2f}x"
 
@@ -187,8 +194,8 @@ def goals_table(gs: list[Goal]) -> str:
     rows = [["target", "rule", "router", "limit", "met"]]
     for g in gs:
         met = "n/a" if g.met is None else ("yes" if g.met else "NO")
-        rows.append([g.name, g.rule, _fmt("{:.3f}", g.router) + f" {g.unit}",
-                     _fmt("{:.3f}", g.limit) + f" {g.unit}", met])
+        rows.append([g.name, g.rule, f"{_num(g.router)} {g.unit}", f"{_num(g.limit)} {g.unit}",
+                     met])
     return "Targets (router against the rule)\n" + _table(rows, left=2)
 
 
