@@ -21,6 +21,9 @@ DEFAULT_BACKEND_DIAL_TIMEOUT = 5.0
 # Long enough for TURN (permissions refresh every 5 minutes) and quiet WebSockets.
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
+# Once one side has sent FIN, a peer that never closes its own side must not pin the connection
+# (and a drain) for the whole idle timeout: HAProxy's client-fin/server-fin, one key for both.
+DEFAULT_HALF_CLOSE_TIMEOUT = 30.0
 DEFAULT_MAX_CONCURRENT_CONNS = 10000
 # Off by default: a fixed per-address cap punishes users behind carrier-grade NAT.
 DEFAULT_MAX_CONNS_PER_IP = 0
@@ -64,6 +67,7 @@ class RouterConfig:
     backend_dial_timeout: float
     idle_timeout: float
     drain_timeout: float
+    half_close_timeout: float
     max_concurrent_conns: int
     max_conns_per_ip: int
     non_tls: str
@@ -240,6 +244,7 @@ def normalize_match(pattern: str) -> str | None:
 
 TOP_KEYS = (
     "listen",
+    "half_close_timeout",
     "client_hello_timeout",
     "backend_dial_timeout",
     "idle_timeout",
@@ -333,6 +338,7 @@ class _Schema:
             backend_dial_timeout=duration("backend_dial_timeout", DEFAULT_BACKEND_DIAL_TIMEOUT),
             idle_timeout=duration("idle_timeout", DEFAULT_IDLE_TIMEOUT, allow_zero=True),
             drain_timeout=duration("drain_timeout", DEFAULT_DRAIN_TIMEOUT, allow_zero=True),
+            half_close_timeout=duration("half_close_timeout", DEFAULT_HALF_CLOSE_TIMEOUT),
             max_concurrent_conns=integer(
                 "max_concurrent_conns", DEFAULT_MAX_CONCURRENT_CONNS, 1, 1_000_000
             ),

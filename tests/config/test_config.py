@@ -43,6 +43,7 @@ def test_seed_format_loads_unchanged(tmp_path: Path) -> None:
     # Safe defaults for everything the seed does not say.
     assert cfg.max_conns_per_ip == 0
     assert cfg.idle_timeout == 600.0 and cfg.drain_timeout == 30.0
+    assert cfg.half_close_timeout == 30.0
     assert cfg.non_tls == "drop" and cfg.workers == 0 and cfg.metrics_listen is None
     assert cfg.fallback.proxy_protocol is None
 
@@ -53,6 +54,7 @@ def test_full_format() -> None:
 listen: "[::]:8443"
 idle_timeout: 1m30s
 drain_timeout: 250ms
+half_close_timeout: 2s
 max_conns_per_ip: 64
 non_tls: fallback
 workers: 3
@@ -72,6 +74,7 @@ listeners:
     assert (http.name, http.mode, http.port) == ("http", "tcp", 80)
     assert http.backend is not None and http.backend.proxy_protocol == "v1"
     assert cfg.idle_timeout == 90.0 and cfg.drain_timeout == 0.25
+    assert cfg.half_close_timeout == 2.0
     assert cfg.max_conns_per_ip == 64 and cfg.non_tls == "fallback" and cfg.workers == 3
     assert cfg.metrics_listen == ("127.0.0.1", 9490)
     assert cfg.fallback.proxy_protocol == "v2"
