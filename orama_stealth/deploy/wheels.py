@@ -79,8 +79,9 @@ def wheel_set(root: Path, release: Path | None = None) -> WheelSet:
         tmp = out.with_name(fp + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps",
-             "--disable-pip-version-check", "-q", "-w", str(tmp), str(root)],
+            # Offline: the build backend comes from this environment, never from an index.
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+             "--no-index", "--disable-pip-version-check", "-q", "-w", str(tmp), str(root)],
             capture_output=True, text=True, timeout=300, check=False,
         )
         if proc.returncode != 0:
