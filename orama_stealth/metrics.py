@@ -28,6 +28,7 @@ class Stats:
         "bytes_up",
         "conns",
         "dial_failures",
+        "half_close_closed",
         "hello_failures",
         "idle_closed",
         "refused",
@@ -43,6 +44,7 @@ class Stats:
         self.hello_failures: Counter[str] = Counter()  # by reason
         self.refused: Counter[str] = Counter()  # by limit: global | per_ip
         self.idle_closed = 0
+        self.half_close_closed = 0
         self.splice_switches = 0
 
     def snapshot(self) -> dict[str, object]:
@@ -55,6 +57,7 @@ class Stats:
             "hello_failures": dict(self.hello_failures),
             "refused": dict(self.refused),
             "idle_closed": self.idle_closed,
+            "half_close_closed": self.half_close_closed,
             "splice_switches": self.splice_switches,
         }
 
@@ -173,6 +176,12 @@ def render(snap: dict[str, object], gauges: dict[str, int]) -> str:
     lines.append(f'{full}{{direction="backend_to_client"}} {_int(snap, "bytes_down")}')
     full = family("idle_closed_total", "counter", "Connections closed by idle_timeout.")
     lines.append(f"{full} {_int(snap, 'idle_closed')}")
+    full = family(
+        "half_close_closed_total", "counter",
+        "Connections closed because one direction finished and the other did not within "
+        "half_close_timeout.",
+    )
+    lines.append(f"{full} {_int(snap, 'half_close_closed')}")
     full = family("splice_switches_total", "counter", "Directions switched to splice(2).")
     lines.append(f"{full} {_int(snap, 'splice_switches')}")
     full = family("active_connections", "gauge", "Connections open now (all workers).")

@@ -209,6 +209,21 @@ class Half:
             self.dst.shutdown(socket.SHUT_WR)
         self.conn.half_done()
 
+    def poll(self) -> None:
+        """Read now as if the loop had reported the source readable (EAGAIN when it is not).
+
+        Under uvloop the remaining direction of a half-closed connection sometimes stops being
+        reported: traced, its descriptor leaves the epoll set right after the other direction's
+        EOF, so a backend's close (coturn after a TURN probe) is never seen and the connection
+        outlives both peers until drain_timeout. The sweep calls this for half-closed
+        connections that went quiet, which costs one recv per such connection per sweep.
+        """
+        if self.rd and not self.done:
+            if self.pipe_r >= 0:
+                self.on_splice_readable()
+            else:
+                self.on_readable()
+
     def stop(self) -> None:
         """Unregister callbacks and release the pipe; the sockets belong to the connection."""
         if self.rd:

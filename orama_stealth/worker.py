@@ -83,6 +83,7 @@ class Conn:
         "cwr",
         "deadline",
         "down",
+        "half_since",
         "head",
         "hrd",
         "idle_since",
@@ -125,6 +126,7 @@ class Conn:
         self.cwr = False  # writer registered while connect(2) completes
         self.deadline = 0.0
         self.idle_since = 0.0
+        self.half_since = 0.0  # when the first direction finished; 0 while both run
         self.last_error = ""
 
     # --- hello -------------------------------------------------------------------------------
@@ -342,6 +344,15 @@ class Conn:
         up, down = self.up, self.down
         if up is not None and down is not None and up.done and down.done:
             self.close()
+        elif not self.half_since:
+            # The sweep closes the connection if the other side never finishes its direction.
+            self.half_since = self.w.loop.time()
+
+    def poll_open_half(self) -> None:
+        """Look at the direction still open of a half-closed connection (see Half.poll)."""
+        for half in (self.up, self.down):
+            if half is not None and not self.closed:
+                half.poll()
 
     def close(self) -> None:
         if self.closed:
@@ -424,8 +435,7 @@ class Worker:
         loop.add_reader(self.control.fileno(), self._on_control)
         self._send_control(f"ready {self.loop_name}\n".encode())
         loop.call_later(PUBLISH_EVERY, self._tick)
-        if self.cfg.idle_timeout > 0:
-            loop.call_later(self._sweep_interval(), self._sweep)
+        loop.call_later(self._sweep_interval(), self._sweep)
         try:
             loop.run_forever()
         finally:
@@ -462,7 +472,12 @@ class Worker:
         if not self.conns:
             self.loop.stop()
             return
-        self.loop.call_later(self.cfg.drain_timeout, self._drain_deadline)
+        # A half-closed connection whose remaining peer already left must not hold the stop
+        # for the whole drain_timeout: look at each one now rather than at the next sweep.
+        for conn in [c for c in self.conns if c.half_since]:
+            conn.poll_open_half()
+        if self.conns:
+            self.loop.call_later(self.cfg.drain_timeout, self._drain_deadline)
 
     def _drain_deadline(self) -> None:
         left = len(self.conns)
@@ -511,10 +526,7 @@ class Worker:
         """Swap in a reloaded config: new connections use it, live ones are untouched."""
         self.table = RouteTable.from_config(cfg)
         self.admission.set_limits(cfg.max_concurrent_conns, cfg.max_conns_per_ip)
-        had_idle = self.cfg.idle_timeout > 0
         self.cfg = cfg
-        if cfg.idle_timeout > 0 and not had_idle:
-            self.loop.call_later(self._sweep_interval(), self._sweep)
 
     # --- accept ------------------------------------------------------------------------------
 
@@ -616,27 +628,58 @@ class Worker:
         for cb in self._resolving.pop(key, []):
             cb()
 
-    # --- idle sweep --------------------------------------------------------------------------
+    # --- idle and half-close sweep ----------------------------------------------------------
 
     def _sweep_interval(self) -> float:
-        return min(5.0, max(0.05, self.cfg.idle_timeout / 10))
+        """A tenth of the shortest timeout the sweep enforces (so it is late by at most 10%),
+        between 50 ms and 5 s. half_close_timeout is always set, so the sweep always runs."""
+        shortest = self.cfg.half_close_timeout
+        if 0 < self.cfg.idle_timeout < shortest:
+            shortest = self.cfg.idle_timeout
+        return min(5.0, max(0.05, shortest / 10))
 
     def _sweep(self) -> None:
-        idle = self.cfg.idle_timeout
-        if idle <= 0:
-            return
+        cfg = self.cfg
+        idle = cfg.idle_timeout
+        half = cfg.half_close_timeout
         now = self.loop.time()
-        expired: list[Conn] = []
+        idle_expired: list[Conn] = []
+        half_expired: list[Conn] = []
+        polled: list[Conn] = []
         for conn in self.conns:
             up, down = conn.up, conn.down
             if up is None or down is None:
                 continue
             if up.active or down.active:
+                # Bytes still flowing in the open direction restart the half-close clock too
+                # (like HAProxy's client-fin/server-fin): a long download after the client's
+                # FIN is not cut, a peer that went silent without closing is.
                 up.active = down.active = False
                 conn.idle_since = now
-            elif now - conn.idle_since >= idle:
-                expired.append(conn)
-        for conn in expired:
+                if conn.half_since:
+                    conn.half_since = now
+            elif conn.half_since:
+                if now - conn.half_since >= half:
+                    half_expired.append(conn)
+                else:
+                    polled.append(conn)
+            elif idle > 0 and now - conn.idle_since >= idle:
+                idle_expired.append(conn)
+        for conn in idle_expired:
             self.stats.idle_closed += 1
+            conn.close()
+        for conn in polled:
+            conn.poll_open_half()
+        for conn in half_expired:
+            self.stats.half_close_closed += 1
+            up, down = conn.up, conn.down
+            backend = conn.backend
+            self.log.limited(
+                "half_close_timeout", "half-closed connection timed out",
+                finished="client" if up is not None and up.done else "backend",
+                waiting_for="backend" if up is not None and up.done else "client",
+                timeout=half, backend=backend.name if backend is not None else None,
+                client=f"{conn.ip}:{conn.port}",
+            )
             conn.close()
         self.loop.call_later(self._sweep_interval(), self._sweep)

@@ -490,3 +490,91 @@ def test_sigusr1_logs_a_counters_snapshot(tmp_path: Path) -> None:
                     break
                 assert time.monotonic() < deadline, lines
             assert 'msg="counters snapshot"' in lines[-1] and "workers=2" in lines[-1]
+
+
+class HoldServer:
+    """Says its name, reads until the client's FIN, then keeps its own side open and silent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.got_eof = threading.Event()
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            self.held.append(conn)
+            conn.sendall(b"hold\n")
+            while conn.recv(65536):
+                pass
+            self.got_eof.set()
+
+    def close(self) -> None:
+        for conn in self.held:
+            conn.close()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+
+
+def test_half_closed_connection_is_closed_after_half_close_timeout(tmp_path: Path) -> None:
+    hold = HoldServer()
+    try:
+        port = free_port()
+        # Drain would wait 60s for this connection; the half-close timeout ends it first.
+        text = config_yaml(port, hold.port, half_close_timeout="500ms", drain_timeout="60s")
+        with router(tmp_path, text, port) as r:
+            s, tag = connect(port, b"bye\n", timeout=20)
+            with s:
+                assert tag == b"hold\n"
+                s.shutdown(socket.SHUT_WR)
+                assert hold.got_eof.wait(10)  # the FIN was passed on as shutdown(SHUT_WR)
+                # Within the socket's 20 s timeout: not the 60 s drain or 10 min idle timeout.
+                assert closed_by_peer(s)
+            log = r.wait_log("event=half_close_timeout")
+            assert re.search(
+                r'msg="half-closed connection timed out" .*finished=client waiting_for=backend '
+                r"timeout=0.5 backend=fb", log
+            ), log
+            # Nothing left to drain: SIGTERM ends the router at once.
+            r.signal(signal.SIGTERM)
+            r.proc.wait(20)
+            assert r.proc.returncode == 0
+            assert "event=drain_timeout" not in r.text()
+    finally:
+        hold.close()
+
+
+def test_stop_after_turn_probes_does_not_wait_for_drain_timeout(tmp_path: Path) -> None:
+    """TLS and TURN probes through the router to a real coturn, then SIGTERM: every connection
+    the probes made is finished on both sides, so nothing may be left to drain. (Under uvloop
+    the backend's close after a client's FIN used to go unseen, and the stop waited out the
+    whole drain_timeout with closed=1 or more.)"""
+    from support.servers import coturn
+
+    from orama_stealth.lab.pki import TestCA
+    from orama_stealth.probe.model import ProbeSpec
+    from orama_stealth.probe.runner import run_probe
+
+    sni = "cdn.example.test"
+    with coturn(tmp_path, TestCA(), names=(sni, LOOPBACK)) as turn:
+        port = free_port()
+        text = config_yaml(port, free_port(), {sni: turn.tls_port}, drain_timeout="60s",
+                           workers=1)
+        with router(tmp_path, text, port) as r:
+            for extra in ({"turn": True, "turn_secret": turn.secret}, {}, {"turn": True,
+                          "turn_secret": turn.secret}):
+                report = run_probe(ProbeSpec(LOOPBACK, port, sni=sni, ca_file=str(turn.ca_file),
+                                             timeout=5.0, **extra))  # type: ignore[arg-type]
+                assert report.ok, report
+            time.sleep(0.5)  # let the last closes reach the router (fewer than one sweep)
+            r.signal(signal.SIGTERM)
+            r.proc.wait(30)  # far below drain_timeout
+            assert r.proc.returncode == 0
+            assert "event=drain_timeout" not in r.text(), r.text()[-2000:]
