@@ -11,12 +11,7 @@ from pathlib import Path
 import pytest
 from protocol.hellos import big_hello, frame
 from support.router import Router, router
-from support.tls_backends import Backend, Pki, client_context, hello, make_pki, parse_ident
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+from support.tls_backends import Backend, Pki, client_context, hello, parse_ident, serving
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +21,8 @@ def farm(pki: Pki) -> Iterator[dict[str, Backend]]:
         "turn": Backend("turn", pki),
         "recorder": Backend("recorder", None, record=True),
     }
-    try:
-        for b in made.values():
-            b.start()
+    with serving(made):
         yield made
-    finally:
-        for b in made.values():
-            b.close()
 
 
 @pytest.fixture(scope="module")

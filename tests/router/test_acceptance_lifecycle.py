@@ -18,29 +18,19 @@ from support.tls_backends import (
     Pki,
     checksum_transfer,
     hello,
-    make_pki,
     parse_ident,
     recv_all,
+    serving,
     tls_connect,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
 def farm(pki: Pki) -> Iterator[dict[str, Backend]]:
     made = {n: Backend(n, pki) for n in ("caddy", "turn", "turn2")}
     made["plain"] = Backend("plain", None)
-    try:
-        for b in made.values():
-            b.start()
+    with serving(made):
         yield made
-    finally:
-        for b in made.values():
-            b.close()
 
 
 class SlowTransfer:

@@ -16,14 +16,8 @@ from support.tls_backends import (
     Pki,
     checksum_transfer,
     hello,
-    make_pki,
     tls_connect,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,12 @@ from support.tls_backends import (
     Pki,
     checksum_transfer,
     hello,
-    make_pki,
     parse_ident,
     recv_all,
+    serving,
     shutdown_write,
     tls_connect,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +31,8 @@ def farm(pki: Pki) -> Iterator[dict[str, Backend]]:
         "plain": Backend("plain", None),
         "plain-pp": Backend("plain-pp", None, proxy=True),
     }
-    try:
-        for b in made.values():
-            b.start()
+    with serving(made):
         yield made
-    finally:
-        for b in made.values():
-            b.close()
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["workers1", "workers2"])

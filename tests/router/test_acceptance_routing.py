@@ -9,12 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.router import Router, router
-from support.tls_backends import Backend, Pki, backends, hello, make_pki, parse_ident
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+from support.tls_backends import Backend, Pki, backends, hello, parse_ident
 
 
 @pytest.fixture(scope="module")

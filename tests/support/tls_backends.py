@@ -348,14 +348,8 @@ def _read_line(chan: _MemTLS | _Plain, limit: int = 8192) -> tuple[str, bytes]:
 
 @contextlib.contextmanager
 def backends(pki: Pki | None, *names: str, proxy: bool = False) -> Iterator[dict[str, Backend]]:
-    started: dict[str, Backend] = {}
-    try:
-        for n in names:
-            started[n] = Backend(n, pki, proxy=proxy).start()
+    with serving({n: Backend(n, pki, proxy=proxy) for n in names}) as started:
         yield started
-    finally:
-        for b in started.values():
-            b.close()
 
 
 # ---- clients ---------------------------------------------------------------------------------
@@ -454,3 +448,15 @@ def checksum_transfer(
     reply = recv_all(s)
     head, _, body = reply.partition(b"\n")
     return head == f"sha256={h} n={upload}".encode(), body == pattern(download)
+
+
+@contextlib.contextmanager
+def serving(made: dict[str, Backend]) -> Iterator[dict[str, Backend]]:
+    """Start every backend; close them all afterwards, even when a start or a test fails."""
+    try:
+        for b in made.values():
+            b.start()
+        yield made
+    finally:
+        for b in made.values():
+            b.close()
