@@ -32,6 +32,7 @@ class Stats:
         "hello_failures",
         "idle_closed",
         "refused",
+        "splice_refused",
         "splice_switches",
     )
 
@@ -46,6 +47,7 @@ class Stats:
         self.idle_closed = 0
         self.half_close_closed = 0
         self.splice_switches = 0
+        self.splice_refused = 0
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -59,6 +61,7 @@ class Stats:
             "idle_closed": self.idle_closed,
             "half_close_closed": self.half_close_closed,
             "splice_switches": self.splice_switches,
+            "splice_refused": self.splice_refused,
         }
 
 
@@ -184,6 +187,11 @@ def render(snap: dict[str, object], gauges: dict[str, int]) -> str:
     lines.append(f"{full} {_int(snap, 'half_close_closed')}")
     full = family("splice_switches_total", "counter", "Directions switched to splice(2).")
     lines.append(f"{full} {_int(snap, 'splice_switches')}")
+    full = family(
+        "splice_refused_total", "counter",
+        "Bulk directions kept copying because the pipe budget allowed only a small pipe.",
+    )
+    lines.append(f"{full} {_int(snap, 'splice_refused')}")
     full = family("active_connections", "gauge", "Connections open now (all workers).")
     lines.append(f"{full} {_int(snap, 'active')}")
     for name, value in sorted(gauges.items()):

@@ -245,9 +245,20 @@ class Half:
             self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return  # out of descriptors: keep copying, it still works
-        # Over the per-user pipe budget the default 64 KiB pipe still works.
-        with contextlib.suppress(OSError):
+        try:
             self.pipe_size = fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            # Over the per-user pipe budget (fs.pipe-user-pages-soft) the kernel hands out
+            # one-page pipes: 4 KiB per splice pair costs more than copying 64 KiB reads.
+            self.pipe_size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+            if self.pipe_size < BUFSIZE:
+                os.close(self.pipe_r)
+                os.close(self.pipe_w)
+                self.pipe_r = self.pipe_w = -1
+                self.pipe_size = BUFSIZE
+                self.full = 0
+                self.stats.splice_refused += 1
+                return
         self.stats.splice_switches += 1
         # Re-registering an fd that is already watched only swaps the callback.
         self.loop.add_reader(self.sfd, self.on_splice_readable)
