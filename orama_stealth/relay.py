@@ -13,6 +13,9 @@ Why it looks like this (figures in docs/router.md):
   through a pipe, so the kernel moves the bytes without copying them through Python.
 - Idle detection is a flag set per read and checked by a coarse periodic sweep, never a timer
   reset per chunk.
+- Relayed sockets are watched by one worker-wide epoll (`Poller`), itself a single reader of the
+  loop: uvloop keeps a poll handle and a callback handle per watched descriptor (about 0.6 KiB
+  each, two per idle connection), the Poller only a dict entry.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orama_stealth.metrics import Stats
@@ -39,15 +44,126 @@ LARGE_READ = 16 * 1024
 PIPE_SIZE = 1 << 18
 _BUF = bytearray(BUFSIZE)
 _MV = memoryview(_BUF)
+_BUFS = [_BUF]
 _SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (
     getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _SPLICE else 0
 )
 _AGAIN = (BlockingIOError, InterruptedError)
+# Events handed out per wakeup; more stay pending (level-triggered) for the next loop iteration,
+# so one busy worker still lets the loop run its other callbacks.
+MAX_EVENTS = 256
+_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class Poller:
+    """Readiness callbacks for relayed sockets, with the add/remove_reader/writer surface of the
+    loop, dispatched from one level-triggered epoll that the loop watches as a single reader."""
+
+    __slots__ = ("ep", "loop", "readers", "writers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ep = select.epoll()
+        self.loop = loop
+        self.readers: dict[int, Callable[[], None]] = {}
+        self.writers: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self.ep.fileno(), self._dispatch)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.ep.fileno())
+        self.ep.close()
+        self.readers.clear()
+        self.writers.clear()
+
+    def _mask(self, fd: int) -> int:
+        return (select.EPOLLIN if fd in self.readers else 0) | (
+            select.EPOLLOUT if fd in self.writers else 0
+        )
+
+    def _apply(self, fd: int, old: int) -> None:
+        new = self._mask(fd)
+        if new == old:
+            return
+        if not new:
+            with contextlib.suppress(OSError):
+                self.ep.unregister(fd)
+        elif not old:
+            try:
+                self.ep.register(fd, new)
+            except FileExistsError:
+                self.ep.modify(fd, new)
+        else:
+            try:
+                self.ep.modify(fd, new)
+            except FileNotFoundError:
+                self.ep.register(fd, new)
+
+    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
+        old = self._mask(fd)
+        self.readers[fd] = cb
+        self._apply(fd, old)
+
+    def remove_reader(self, fd: int) -> None:
+        old = self._mask(fd)
+        self.readers.pop(fd, None)
+        self._apply(fd, old)
+
+    def add_writer(self, fd: int, cb: Callable[[], None]) -> None:
+        old = self._mask(fd)
+        self.writers[fd] = cb
+        self._apply(fd, old)
+
+    def remove_writer(self, fd: int) -> None:
+        old = self._mask(fd)
+        self.writers.pop(fd, None)
+        self._apply(fd, old)
+
+    def _dispatch(self) -> None:
+        try:
+            events = self.ep.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return
+        for fd, ev in events:
+            # A callback may close its connection and so unregister fds later in this batch:
+            # look each one up at the moment it is dispatched.
+            if ev & _IN:
+                cb = self.readers.get(fd)
+                if cb is not None:
+                    self._run(cb)
+            if ev & _OUT:
+                cb = self.writers.get(fd)
+                if cb is not None:
+                    self._run(cb)
+
+    def _run(self, cb: Callable[[], None]) -> None:
+        try:
+            cb()
+        except Exception as e:  # like a loop callback: report it, keep serving the others
+            self.loop.call_exception_handler(
+                {"message": "Exception in relay callback", "exception": e}
+            )
 
 
 def splice_available() -> bool:
     return _SPLICE
+
+
+def shutdown_wr(fd: int) -> None:
+    """shutdown(SHUT_WR) on a bare descriptor: relayed sockets are kept as ints, not socket
+    objects (about 0.1 KiB each per idle connection), so a socket object is borrowed for the
+    call and detached so that dropping it does not close the descriptor."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def recv_exact_size(sock: socket.socket) -> bytes:
@@ -69,18 +185,16 @@ class Half:
         "conn",
         "dfd",
         "done",
-        "dst",
         "eof",
         "full",
         "inpipe",
-        "loop",
         "pending",
         "pipe_r",
         "pipe_size",
         "pipe_w",
+        "poller",
         "rd",
         "sfd",
-        "src",
         "stats",
         "upward",
         "wr",
@@ -89,19 +203,17 @@ class Half:
     def __init__(
         self,
         conn: Conn,
-        src: socket.socket,
-        dst: socket.socket,
+        sfd: int,
+        dfd: int,
         upward: bool,
-        loop: asyncio.AbstractEventLoop,
+        poller: Poller,
         stats: Stats,
     ) -> None:
         self.conn = conn
-        self.src = src
-        self.dst = dst
-        self.sfd = src.fileno()
-        self.dfd = dst.fileno()
+        self.sfd = sfd
+        self.dfd = dfd
         self.upward = upward
-        self.loop = loop
+        self.poller = poller
         self.stats = stats
         self.pending: bytes | bytearray = b""
         self.eof = False
@@ -121,7 +233,7 @@ class Half:
         """Begin pumping, after sending `first` (PROXY header and replayed hello) to `dst`."""
         if first:
             try:
-                sent = self.dst.send(first)
+                sent = os.write(self.dfd, first)
             except _AGAIN:
                 sent = 0
             except OSError:
@@ -130,16 +242,16 @@ class Half:
             if sent < len(first):
                 self.pending = first[sent:]
                 self.wr = True
-                self.loop.add_writer(self.dfd, self.on_writable)
+                self.poller.add_writer(self.dfd, self.on_writable)
                 return
         self.rd = True
-        self.loop.add_reader(self.sfd, self.on_readable)
+        self.poller.add_reader(self.sfd, self.on_readable)
 
     # --- copying through Python --------------------------------------------------------------
 
     def on_readable(self) -> None:
         try:
-            n = self.src.recv_into(_BUF)
+            n = os.readv(self.sfd, _BUFS)
         except _AGAIN:
             return
         except OSError:
@@ -154,7 +266,7 @@ class Half:
         else:
             self.stats.bytes_down += n
         try:
-            sent = self.dst.send(_MV[:n])
+            sent = os.write(self.dfd, _MV[:n])
         except _AGAIN:
             sent = 0
         except OSError:
@@ -163,9 +275,9 @@ class Half:
         if sent < n:
             self.pending = _BUF[sent:n]
             self.rd = False
-            self.loop.remove_reader(self.sfd)
+            self.poller.remove_reader(self.sfd)
             self.wr = True
-            self.loop.add_writer(self.dfd, self.on_writable)
+            self.poller.add_writer(self.dfd, self.on_writable)
             return
         if n >= LARGE_READ:
             self.full += 1
@@ -176,7 +288,7 @@ class Half:
 
     def on_writable(self) -> None:
         try:
-            sent = self.dst.send(self.pending)
+            sent = os.write(self.dfd, self.pending)
         except _AGAIN:
             return
         except OSError:
@@ -187,26 +299,25 @@ class Half:
             return
         self.pending = b""
         self.wr = False
-        self.loop.remove_writer(self.dfd)
+        self.poller.remove_writer(self.dfd)
         if self.eof:
             self._finish()
         else:
             self.rd = True
-            self.loop.add_reader(self.sfd, self.on_readable)
+            self.poller.add_reader(self.sfd, self.on_readable)
 
     # --- end of one direction ----------------------------------------------------------------
 
     def _src_eof(self) -> None:
         self.rd = False
-        self.loop.remove_reader(self.sfd)
+        self.poller.remove_reader(self.sfd)
         self.eof = True
         if not self.pending and not self.inpipe:
             self._finish()
 
     def _finish(self) -> None:
         self.done = True
-        with contextlib.suppress(OSError):
-            self.dst.shutdown(socket.SHUT_WR)
+        shutdown_wr(self.dfd)
         self.conn.half_done()
 
     def poll(self) -> None:
@@ -228,10 +339,10 @@ class Half:
         """Unregister callbacks and release the pipe; the sockets belong to the connection."""
         if self.rd:
             self.rd = False
-            self.loop.remove_reader(self.sfd)
+            self.poller.remove_reader(self.sfd)
         if self.wr:
             self.wr = False
-            self.loop.remove_writer(self.dfd)
+            self.poller.remove_writer(self.dfd)
         if self.pipe_r >= 0:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
@@ -261,7 +372,7 @@ class Half:
                 return
         self.stats.splice_switches += 1
         # Re-registering an fd that is already watched only swaps the callback.
-        self.loop.add_reader(self.sfd, self.on_splice_readable)
+        self.poller.add_reader(self.sfd, self.on_splice_readable)
 
     def on_splice_readable(self) -> None:
         try:
@@ -282,9 +393,9 @@ class Half:
         self.inpipe = n
         if self._drain_pipe() and self.inpipe:
             self.rd = False
-            self.loop.remove_reader(self.sfd)
+            self.poller.remove_reader(self.sfd)
             self.wr = True
-            self.loop.add_writer(self.dfd, self.on_splice_writable)
+            self.poller.add_writer(self.dfd, self.on_splice_writable)
 
     def _drain_pipe(self) -> bool:
         """Move what the pipe holds to dst; False when the connection was closed."""
@@ -303,9 +414,9 @@ class Half:
         if not self._drain_pipe() or self.inpipe:
             return
         self.wr = False
-        self.loop.remove_writer(self.dfd)
+        self.poller.remove_writer(self.dfd)
         if self.eof:
             self._finish()
         else:
             self.rd = True
-            self.loop.add_reader(self.sfd, self.on_splice_readable)
+            self.poller.add_reader(self.sfd, self.on_splice_readable)

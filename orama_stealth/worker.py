@@ -37,7 +37,7 @@ from orama_stealth.logs import Logger
 from orama_stealth.metrics import Stats, StatsRegion
 from orama_stealth.proxyproto import ProxyProtocolError
 from orama_stealth.proxyproto import encode as proxy_encode
-from orama_stealth.relay import Half, recv_exact_size
+from orama_stealth.relay import Half, Poller, recv_exact_size
 from orama_stealth.routes import RouteTable
 
 ACCEPT_BATCH = 64
@@ -105,7 +105,7 @@ class Conn:
         listener: Listener,
     ) -> None:
         self.w = w
-        self.csock = csock
+        self.csock: socket.socket | None = csock
         self.cfd = csock.fileno()
         self.bsock: socket.socket | None = None
         self.bfd = -1
@@ -143,11 +143,11 @@ class Conn:
             self.timer = w.loop.call_later(w.cfg.client_hello_timeout, self._hello_timeout)
 
     def _on_hello(self) -> None:
-        reader = self.reader
-        if reader is None:
+        reader, csock = self.reader, self.csock
+        if reader is None or csock is None:
             return
         try:
-            data = recv_exact_size(self.csock)
+            data = recv_exact_size(csock)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -201,6 +201,7 @@ class Conn:
         self.backend = backend
         if backend.proxy_protocol:
             try:
+                assert self.csock is not None  # relaying has not started yet
                 local = self.csock.getsockname()
                 head = proxy_encode(
                     backend.proxy_protocol, (self.ip, self.port), (plain_ip(local[0]), local[1])
@@ -282,6 +283,10 @@ class Conn:
             self.bsock.close()
             self.bsock = None
             self.bfd = -1
+        elif self.bfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.bfd)
+            self.bfd = -1
 
     def _connect_error(self, err: int) -> None:
         self._drop_backend()
@@ -326,14 +331,19 @@ class Conn:
             self.timer.cancel()
             self.timer = None
         backend = self.backend
-        bsock = self.bsock
-        assert backend is not None and bsock is not None
+        bsock, csock = self.bsock, self.csock
+        assert backend is not None and bsock is not None and csock is not None
         first = self.head[sent:] if sent else self.head
         self.head = b""
         w.stats.conns[backend.name] += 1
         self.idle_since = w.loop.time()
-        self.up = Half(self, self.csock, bsock, True, w.loop, w.stats)
-        self.down = Half(self, bsock, self.csock, False, w.loop, w.stats)
+        # From here on the descriptors are enough: dropping the socket objects saves about
+        # 0.2 KiB per idle connection; close() closes the bare descriptors.
+        csock.detach()
+        bsock.detach()
+        self.csock = self.bsock = None
+        self.up = Half(self, self.cfd, self.bfd, True, w.poller, w.stats)
+        self.down = Half(self, self.bfd, self.cfd, False, w.poller, w.stats)
         self.up.start(first)
         if not self.closed:
             self.down.start()
@@ -376,7 +386,12 @@ class Conn:
             loop.remove_reader(self.cfd)
         self.up = self.down = None
         self._drop_backend()
-        self.csock.close()
+        if self.csock is not None:
+            self.csock.close()
+            self.csock = None
+        else:
+            with contextlib.suppress(OSError):
+                os.close(self.cfd)
         w.conn_closed(self)
 
 
@@ -404,6 +419,7 @@ class Worker:
         self.draining = False
         self.loop_name = "asyncio"
         self.loop: asyncio.AbstractEventLoop = self._new_loop()
+        self.poller = Poller(self.loop)
         self._control_buf = b""
         self._resolved: dict[str, tuple[float, tuple[int, tuple[str, int]] | str]] = {}
         self._resolving: dict[str, list[Callable[[], None]]] = {}
@@ -440,6 +456,7 @@ class Worker:
             loop.run_forever()
         finally:
             self._publish()
+            self.poller.close()
             loop.close()
         return self.exit_code
 
