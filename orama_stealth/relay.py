@@ -176,8 +176,8 @@ def recv_exact_size(sock: socket.socket) -> bytes:
 class Half:
     """One direction of a routed connection: bytes from `src` to `dst`.
 
-    `rd`/`wr` mirror what is registered with the loop, so nothing is registered or removed
-    twice: every registration change is an epoll_ctl(2), and they add up per connection.
+    `rd`/`wr` mirror what is registered with the worker's Poller, so nothing is registered or
+    removed twice: every registration change is an epoll_ctl(2), and they add up per connection.
     """
 
     __slots__ = (
