@@ -27,6 +27,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny durations and sizes, one repetition")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)} (default: all)")
+    p.add_argument("--workloads", default=",".join(workloads.WORKLOADS),
+                   help=f"comma-separated subset of {','.join(workloads.WORKLOADS)} (default: all)")
     p.add_argument("--repetitions", type=int, help="override the number of repetitions")
     p.add_argument("--out", type=Path,
                    help="JSON result path (default bench/results/<UTC time>.json)")
@@ -37,6 +39,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not targets:
         p.error(f"--targets: unknown {bad or 'empty list'}; "
                 f"expected names from {','.join(TARGETS)}")
+    chosen = [w.strip() for w in a.workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in workloads.WORKLOADS]
+    if unknown or not chosen:
+        p.error(f"--workloads: unknown {unknown or 'empty list'}; "
+                f"expected names from {','.join(workloads.WORKLOADS)}")
+    # A target's added p50 latency is measured against direct: keep direct when latency runs.
+    if "w1_latency" in chosen and "direct" not in targets:
+        targets.insert(0, "direct")
+    a.workloads = chosen
     if a.repetitions is not None and not 1 <= a.repetitions <= 20:
         p.error(f"--repetitions: expected 1..20, got {a.repetitions}")
     a.targets = targets
@@ -48,7 +59,9 @@ def _log(msg: str) -> None:
 
 
 def _record(runs: list[dict[str, Any]], rep: int, target: str, workload: str,
-            fn: Callable[[], workloads.Figures]) -> None:
+            fn: Callable[[], workloads.Figures], chosen: list[str]) -> None:
+    if workload not in chosen:
+        return
     t0 = time.monotonic()
     entry: dict[str, Any] = {"rep": rep, "target": target, "workload": workload}
     try:
@@ -65,7 +78,7 @@ def _record(runs: list[dict[str, Any]], rep: int, target: str, workload: str,
 
 
 def _one_target(runs: list[dict[str, Any]], rep: int, target: str, origin: Origin,
-                s: Settings, work: Path) -> None:
+                s: Settings, work: Path, chosen: list[str]) -> None:
     tag = f"r{rep}"
 
     def fail_all(names: tuple[str, ...], e: Exception) -> None:
@@ -74,30 +87,36 @@ def _one_target(runs: list[dict[str, Any]], rep: int, target: str, origin: Origi
                          "error": f"target did not start: {type(e).__name__}: {e}"})
         _log(f"rep={rep} target={target} failed to start: {e}")
 
-    main = workloads.WORKLOADS[:-1]
-    try:
-        with start(target, origin, work, tag) as ep:
-            _run_main(runs, rep, ep, origin, s)
-    except (RuntimeError, TimeoutError, OSError) as e:
-        fail_all(tuple(w for w in main if not any(
-            r["rep"] == rep and r["target"] == target and r["workload"] == w for r in runs)), e)
+    main = [w for w in workloads.WORKLOADS[:-1] if w in chosen]
+    if main:
+        try:
+            with start(target, origin, work, tag) as ep:
+                _run_main(runs, rep, ep, origin, s, chosen)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            fail_all(tuple(w for w in main if not any(
+                r["rep"] == rep and r["target"] == target and r["workload"] == w for r in runs)),
+                e)
+    if "w4_idle" not in chosen:
+        return
     # Memory per idle connection is read from a freshly started proxy, not one that bulk
     # transfers have already grown.
     try:
         with start(target, origin, work, tag + "-idle") as ep:
-            _record(runs, rep, target, "w4_idle", lambda: workloads.w4_idle(ep, origin, s))
+            _record(runs, rep, target, "w4_idle", lambda: workloads.w4_idle(ep, origin, s),
+                    chosen)
     except (RuntimeError, TimeoutError, OSError) as e:
         fail_all(("w4_idle",), e)
 
 
 def _run_main(runs: list[dict[str, Any]], rep: int, ep: Endpoint, origin: Origin,
-              s: Settings) -> None:
+              s: Settings, chosen: list[str]) -> None:
     t = ep.target
-    _record(runs, rep, t, "w1_new_conns", lambda: workloads.w1_new_conns(ep, s))
-    _record(runs, rep, t, "w1_latency", lambda: workloads.w1_latency(ep, origin, s))
-    _record(runs, rep, t, "w2_keepalive", lambda: workloads.w2_keepalive(ep, s))
-    _record(runs, rep, t, "w3_bulk_1", lambda: workloads.w3_bulk(ep, origin, 1))
-    _record(runs, rep, t, "w3_bulk_n", lambda: workloads.w3_bulk(ep, origin, s.w3_parallel))
+    _record(runs, rep, t, "w1_new_conns", lambda: workloads.w1_new_conns(ep, s), chosen)
+    _record(runs, rep, t, "w1_latency", lambda: workloads.w1_latency(ep, origin, s), chosen)
+    _record(runs, rep, t, "w2_keepalive", lambda: workloads.w2_keepalive(ep, s), chosen)
+    _record(runs, rep, t, "w3_bulk_1", lambda: workloads.w3_bulk(ep, origin, 1), chosen)
+    _record(runs, rep, t, "w3_bulk_n", lambda: workloads.w3_bulk(ep, origin, s.w3_parallel),
+            chosen)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -113,14 +132,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     runs: list[dict[str, Any]] = []
     _log(f"mode={'smoke' if a.smoke else 'full'} targets={','.join(a.targets)} "
-         f"repetitions={s.repetitions}")
+         f"workloads={','.join(a.workloads)} repetitions={s.repetitions}")
     with tempfile.TemporaryDirectory(prefix="orama-bench-") as tmp:
         work = Path(tmp)
         with nginx_origin(work / "origin", s.big_size) as origin:
             for rep in range(s.repetitions):
                 k = rep % len(a.targets)
                 for target in a.targets[k:] + a.targets[:k]:  # rotate the order each repetition
-                    _one_target(runs, rep, target, origin, s, work)
+                    _one_target(runs, rep, target, origin, s, work, a.workloads)
     _log("route table micro-benchmark")
     routes_ns = routebench.run(s.route_sizes, s.route_lookups)
     summary = report.summarise(runs)
@@ -132,7 +151,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": sysinfo.machine(),
         "versions": versions,
         "targets": a.targets,
-        "workloads": list(workloads.WORKLOADS),
+        "workloads": a.workloads,
         "runs": runs,
         "summary": summary,
         "routes_ns": routes_ns,

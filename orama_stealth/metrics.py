@@ -26,6 +26,7 @@ class Stats:
         "active",
         "bytes_down",
         "bytes_up",
+        "callback_errors",
         "conns",
         "dial_failures",
         "half_close_closed",
@@ -48,6 +49,7 @@ class Stats:
         self.half_close_closed = 0
         self.splice_switches = 0
         self.splice_refused = 0
+        self.callback_errors = 0
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -62,6 +64,7 @@ class Stats:
             "half_close_closed": self.half_close_closed,
             "splice_switches": self.splice_switches,
             "splice_refused": self.splice_refused,
+            "callback_errors": self.callback_errors,
         }
 
 
@@ -192,6 +195,11 @@ def render(snap: dict[str, object], gauges: dict[str, int]) -> str:
         "Bulk directions kept copying because the pipe budget allowed only a small pipe.",
     )
     lines.append(f"{full} {_int(snap, 'splice_refused')}")
+    full = family(
+        "callback_errors_total", "counter",
+        "Unexpected errors inside a connection callback (each is logged); should stay 0.",
+    )
+    lines.append(f"{full} {_int(snap, 'callback_errors')}")
     full = family("active_connections", "gauge", "Connections open now (all workers).")
     lines.append(f"{full} {_int(snap, 'active')}")
     for name, value in sorted(gauges.items()):

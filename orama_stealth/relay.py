@@ -13,25 +13,21 @@ Why it looks like this (figures in docs/router.md):
   through a pipe, so the kernel moves the bytes without copying them through Python.
 - Idle detection is a flag set per read and checked by a coarse periodic sweep, never a timer
   reset per chunk.
-- Relayed sockets are watched by one worker-wide epoll (`Poller`), itself a single reader of the
-  loop: uvloop keeps a poll handle and a callback handle per watched descriptor (about 0.6 KiB
-  each, two per idle connection), the Poller only a dict entry.
+- Sockets are bare descriptors watched by the worker's own epoll loop (`evloop.Loop`): an idle
+  connection costs two dict entries there, no socket objects and no loop handles.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import fcntl
 import os
-import select
 import socket
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orama_stealth.metrics import Stats
 
 if TYPE_CHECKING:
+    from orama_stealth.evloop import Loop
     from orama_stealth.worker import Conn
 
 BUFSIZE = 1 << 16
@@ -50,100 +46,6 @@ _SPLICE_FLAGS = (
     getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _SPLICE else 0
 )
 _AGAIN = (BlockingIOError, InterruptedError)
-# Events handed out per wakeup; more stay pending (level-triggered) for the next loop iteration,
-# so one busy worker still lets the loop run its other callbacks.
-MAX_EVENTS = 256
-_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-
-
-class Poller:
-    """Readiness callbacks for relayed sockets, with the add/remove_reader/writer surface of the
-    loop, dispatched from one level-triggered epoll that the loop watches as a single reader."""
-
-    __slots__ = ("ep", "loop", "readers", "writers")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.ep = select.epoll()
-        self.loop = loop
-        self.readers: dict[int, Callable[[], None]] = {}
-        self.writers: dict[int, Callable[[], None]] = {}
-        loop.add_reader(self.ep.fileno(), self._dispatch)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.loop.remove_reader(self.ep.fileno())
-        self.ep.close()
-        self.readers.clear()
-        self.writers.clear()
-
-    def _mask(self, fd: int) -> int:
-        return (select.EPOLLIN if fd in self.readers else 0) | (
-            select.EPOLLOUT if fd in self.writers else 0
-        )
-
-    def _apply(self, fd: int, old: int) -> None:
-        new = self._mask(fd)
-        if new == old:
-            return
-        if not new:
-            with contextlib.suppress(OSError):
-                self.ep.unregister(fd)
-        elif not old:
-            try:
-                self.ep.register(fd, new)
-            except FileExistsError:
-                self.ep.modify(fd, new)
-        else:
-            try:
-                self.ep.modify(fd, new)
-            except FileNotFoundError:
-                self.ep.register(fd, new)
-
-    def add_reader(self, fd: int, cb: Callable[[], None]) -> None:
-        old = self._mask(fd)
-        self.readers[fd] = cb
-        self._apply(fd, old)
-
-    def remove_reader(self, fd: int) -> None:
-        old = self._mask(fd)
-        self.readers.pop(fd, None)
-        self._apply(fd, old)
-
-    def add_writer(self, fd: int, cb: Callable[[], None]) -> None:
-        old = self._mask(fd)
-        self.writers[fd] = cb
-        self._apply(fd, old)
-
-    def remove_writer(self, fd: int) -> None:
-        old = self._mask(fd)
-        self.writers.pop(fd, None)
-        self._apply(fd, old)
-
-    def _dispatch(self) -> None:
-        try:
-            events = self.ep.poll(0, MAX_EVENTS)
-        except InterruptedError:
-            return
-        for fd, ev in events:
-            # A callback may close its connection and so unregister fds later in this batch:
-            # look each one up at the moment it is dispatched.
-            if ev & _IN:
-                cb = self.readers.get(fd)
-                if cb is not None:
-                    self._run(cb)
-            if ev & _OUT:
-                cb = self.writers.get(fd)
-                if cb is not None:
-                    self._run(cb)
-
-    def _run(self, cb: Callable[[], None]) -> None:
-        try:
-            cb()
-        except Exception as e:  # like a loop callback: report it, keep serving the others
-            self.loop.call_exception_handler(
-                {"message": "Exception in relay callback", "exception": e}
-            )
 
 
 def splice_available() -> bool:
@@ -153,9 +55,10 @@ def splice_available() -> bool:
 def shutdown_wr(fd: int) -> None:
     """shutdown(SHUT_WR) on a bare descriptor: relayed sockets are kept as ints, not socket
     objects (about 0.1 KiB each per idle connection), so a socket object is borrowed for the
-    call and detached so that dropping it does not close the descriptor."""
+    call and detached so that dropping it does not close the descriptor. Family and type are
+    given because shutdown(2) ignores them, and otherwise the constructor asks the kernel."""
     try:
-        sock = socket.socket(fileno=fd)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
     except OSError:
         return
     try:
@@ -166,17 +69,17 @@ def shutdown_wr(fd: int) -> None:
         sock.detach()
 
 
-def recv_exact_size(sock: socket.socket) -> bytes:
-    """One recv into the shared buffer, returned as a right-sized bytes object (a 32 KiB recv
+def read_exact_size(fd: int) -> bytes:
+    """One read into the shared buffer, returned as a right-sized bytes object (a 32 KiB recv
     buffer shrunk in place would leave heap holes behind every idle connection)."""
-    n = sock.recv_into(_BUF)
+    n = os.readv(fd, _BUFS)
     return bytes(_MV[:n])
 
 
 class Half:
     """One direction of a routed connection: bytes from `src` to `dst`.
 
-    `rd`/`wr` mirror what is registered with the worker's Poller, so nothing is registered or
+    `rd`/`wr` mirror what is registered with the worker's loop, so nothing is registered or
     removed twice: every registration change is an epoll_ctl(2), and they add up per connection.
     """
 
@@ -206,7 +109,7 @@ class Half:
         sfd: int,
         dfd: int,
         upward: bool,
-        poller: Poller,
+        poller: Loop,
         stats: Stats,
     ) -> None:
         self.conn = conn
@@ -317,17 +220,19 @@ class Half:
 
     def _finish(self) -> None:
         self.done = True
-        shutdown_wr(self.dfd)
+        # When the other direction already finished, close(2) follows at once and sends the
+        # FIN itself (nothing is left unread on dst: its own EOF was read).
+        if not self.conn.other_done(self):
+            shutdown_wr(self.dfd)
         self.conn.half_done()
 
     def poll(self) -> None:
         """Read now as if the loop had reported the source readable (EAGAIN when it is not).
 
-        Under uvloop the remaining direction of a half-closed connection sometimes stops being
-        reported: traced, its descriptor leaves the epoll set right after the other direction's
-        EOF, so a backend's close (coturn after a TURN probe) is never seen and the connection
-        outlives both peers until drain_timeout. The sweep calls this for half-closed
-        connections that went quiet, which costs one recv per such connection per sweep.
+        A safety net for half-closed connections that went quiet: should a wakeup for the
+        remaining direction ever be missed (it was, under uvloop, which ran the relay before
+        evloop), the backend's close is still seen by the next sweep rather than at
+        drain_timeout. It costs one read per such connection per sweep.
         """
         if self.rd and not self.done:
             if self.pipe_r >= 0:
@@ -335,14 +240,9 @@ class Half:
             else:
                 self.on_readable()
 
-    def stop(self) -> None:
-        """Unregister callbacks and release the pipe; the sockets belong to the connection."""
-        if self.rd:
-            self.rd = False
-            self.poller.remove_reader(self.sfd)
-        if self.wr:
-            self.wr = False
-            self.poller.remove_writer(self.dfd)
+    def release(self) -> None:
+        """Release the pipe; the connection closes (and so unregisters) the sockets."""
+        self.rd = self.wr = False
         if self.pipe_r >= 0:
             os.close(self.pipe_r)
             os.close(self.pipe_w)

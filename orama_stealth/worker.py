@@ -9,9 +9,9 @@ connections in flight.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import pickle
@@ -33,11 +33,12 @@ from orama_stealth.clienthello import (
     Truncated,
 )
 from orama_stealth.config import Backend, Listener, RouterConfig
+from orama_stealth.evloop import Loop, Timer
 from orama_stealth.logs import Logger
 from orama_stealth.metrics import Stats, StatsRegion
 from orama_stealth.proxyproto import ProxyProtocolError
 from orama_stealth.proxyproto import encode as proxy_encode
-from orama_stealth.relay import Half, Poller, recv_exact_size
+from orama_stealth.relay import Half, read_exact_size
 from orama_stealth.routes import RouteTable
 
 ACCEPT_BATCH = 64
@@ -49,6 +50,7 @@ _RETRYABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED)
 MSG_HEADER = struct.Struct("!cI")  # kind, length
 
 AddrInfo = list[tuple[Any, Any, Any, Any, Any]]
+_AGAIN = (BlockingIOError, InterruptedError)
 
 
 def _hello_reason(e: HelloError) -> str:
@@ -61,6 +63,16 @@ def _hello_reason(e: HelloError) -> str:
     if isinstance(e, NotTLS):
         return "not_tls"
     return "invalid"
+
+
+def local_address(fd: int, family: int) -> tuple[str, int]:
+    """getsockname() of a bare descriptor, as (plain ip, port)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    try:
+        host, port = sock.getsockname()[:2]
+    finally:
+        sock.detach()
+    return plain_ip(host), port
 
 
 def plain_ip(ip: str) -> str:
@@ -79,10 +91,10 @@ class Conn:
         "bsock",
         "cfd",
         "closed",
-        "csock",
         "cwr",
         "deadline",
         "down",
+        "family",
         "half_since",
         "head",
         "hrd",
@@ -101,12 +113,12 @@ class Conn:
     )
 
     def __init__(
-        self, w: Worker, csock: socket.socket, ip: str, port: int, key: bytes, tracked: bool,
+        self, w: Worker, cfd: int, family: int, ip: str, port: int, key: bytes, tracked: bool,
         listener: Listener,
     ) -> None:
         self.w = w
-        self.csock: socket.socket | None = csock
-        self.cfd = csock.fileno()
+        self.cfd = cfd
+        self.family = family
         self.bsock: socket.socket | None = None
         self.bfd = -1
         self.ip = ip
@@ -115,8 +127,8 @@ class Conn:
         self.tracked = tracked
         self.listener = listener
         self.reader: ClientHelloReader | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.retry: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None
+        self.retry: Timer | None = None
         self.backend: Backend | None = None
         self.head = b""
         self.up: Half | None = None
@@ -143,12 +155,12 @@ class Conn:
             self.timer = w.loop.call_later(w.cfg.client_hello_timeout, self._hello_timeout)
 
     def _on_hello(self) -> None:
-        reader, csock = self.reader, self.csock
-        if reader is None or csock is None:
+        reader = self.reader
+        if reader is None:
             return
         try:
-            data = recv_exact_size(csock)
-        except (BlockingIOError, InterruptedError):
+            data = read_exact_size(self.cfd)
+        except _AGAIN:
             return
         except OSError as e:
             self._hello_failed("reset", str(e))
@@ -201,10 +213,9 @@ class Conn:
         self.backend = backend
         if backend.proxy_protocol:
             try:
-                assert self.csock is not None  # relaying has not started yet
-                local = self.csock.getsockname()
                 head = proxy_encode(
-                    backend.proxy_protocol, (self.ip, self.port), (plain_ip(local[0]), local[1])
+                    backend.proxy_protocol, (self.ip, self.port),
+                    local_address(self.cfd, self.family),
                 ) + head
             except (OSError, ProxyProtocolError) as e:
                 self._dial_failed(f"cannot build PROXY header: {e}")
@@ -279,11 +290,12 @@ class Conn:
         if self.bsock is not None:
             if self.cwr:
                 self.cwr = False
-                self.w.loop.remove_writer(self.bfd)
+                self.w.loop.forget(self.bfd)
             self.bsock.close()
             self.bsock = None
             self.bfd = -1
         elif self.bfd >= 0:
+            self.w.loop.forget(self.bfd)
             with contextlib.suppress(OSError):
                 os.close(self.bfd)
             self.bfd = -1
@@ -331,24 +343,27 @@ class Conn:
             self.timer.cancel()
             self.timer = None
         backend = self.backend
-        bsock, csock = self.bsock, self.csock
-        assert backend is not None and bsock is not None and csock is not None
+        bsock = self.bsock
+        assert backend is not None and bsock is not None
         first = self.head[sent:] if sent else self.head
         self.head = b""
         w.stats.conns[backend.name] += 1
         self.idle_since = w.loop.time()
-        # From here on the descriptors are enough: dropping the socket objects saves about
-        # 0.2 KiB per idle connection; close() closes the bare descriptors.
-        csock.detach()
+        # From here on the descriptor is enough: dropping the socket object saves about
+        # 0.1 KiB per idle connection; close() closes the bare descriptors.
         bsock.detach()
-        self.csock = self.bsock = None
-        self.up = Half(self, self.cfd, self.bfd, True, w.poller, w.stats)
-        self.down = Half(self, self.bfd, self.cfd, False, w.poller, w.stats)
+        self.bsock = None
+        self.up = Half(self, self.cfd, self.bfd, True, w.loop, w.stats)
+        self.down = Half(self, self.bfd, self.cfd, False, w.loop, w.stats)
         self.up.start(first)
         if not self.closed:
             self.down.start()
 
     # --- end ---------------------------------------------------------------------------------
+
+    def other_done(self, half: Half) -> bool:
+        other = self.down if half is self.up else self.up
+        return other is not None and other.done
 
     def half_done(self) -> None:
         up, down = self.up, self.down
@@ -376,22 +391,18 @@ class Conn:
         if self.retry is not None:
             self.retry.cancel()
             self.retry = None
+        # Both descriptors are closed right below, which takes them out of the epoll set.
         if self.up is not None:
-            self.up.stop()
+            self.up.release()
         if self.down is not None:
-            self.down.stop()
+            self.down.release()
         self.reader = None
-        if self.hrd:
-            self.hrd = False
-            loop.remove_reader(self.cfd)
+        self.hrd = False
         self.up = self.down = None
         self._drop_backend()
-        if self.csock is not None:
-            self.csock.close()
-            self.csock = None
-        else:
-            with contextlib.suppress(OSError):
-                os.close(self.cfd)
+        loop.forget(self.cfd)
+        with contextlib.suppress(OSError):
+            os.close(self.cfd)
         w.conn_closed(self)
 
 
@@ -417,36 +428,38 @@ class Worker:
         self.stats = Stats()
         self.conns: set[Conn] = set()
         self.draining = False
-        self.loop_name = "asyncio"
-        self.loop: asyncio.AbstractEventLoop = self._new_loop()
-        self.poller = Poller(self.loop)
+        self.loop_name = "epoll"
+        self.loop = Loop(on_error=self._callback_error)
         self._control_buf = b""
         self._resolved: dict[str, tuple[float, tuple[int, tuple[str, int]] | str]] = {}
         self._resolving: dict[str, list[Callable[[], None]]] = {}
         self.exit_code = 0
 
-    def _new_loop(self) -> asyncio.AbstractEventLoop:
-        try:
-            import uvloop
-
-            self.loop_name = "uvloop"
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-        except ImportError:
-            return asyncio.new_event_loop()
+    def _callback_error(self, exc: BaseException, cb: object) -> None:
+        self.stats.callback_errors += 1
+        self.log.limited(
+            "callback_error", "unexpected error in a connection callback",
+            error=f"{type(exc).__name__}: {exc}"[:200],
+            where=getattr(cb, "__qualname__", type(cb).__name__),
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def run(self) -> int:
         loop = self.loop
-        asyncio.set_event_loop(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain)
         for sig in (signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
         for listener, sock in self.listeners:
             sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._on_accept, sock, listener)
+            if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,
+                                                                  socket.AF_INET6):
+                # Accepted sockets inherit TCP_NODELAY from their listener: one setsockopt
+                # here instead of one per connection.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.add_reader(sock.fileno(), functools.partial(self._on_accept, sock, listener))
         self.control.setblocking(False)
         loop.add_reader(self.control.fileno(), self._on_control)
         self._send_control(f"ready {self.loop_name}\n".encode())
@@ -456,7 +469,6 @@ class Worker:
             loop.run_forever()
         finally:
             self._publish()
-            self.poller.close()
             loop.close()
         return self.exit_code
 
@@ -548,10 +560,14 @@ class Worker:
     # --- accept ------------------------------------------------------------------------------
 
     def _on_accept(self, lsock: socket.socket, listener: Listener) -> None:
+        # _accept() gives the bare descriptor: accept() would wrap it in a socket object that
+        # the relay drops again anyway.
+        accept = lsock._accept  # type: ignore[attr-defined]
+        family = lsock.family
         for _ in range(ACCEPT_BATCH):
             try:
-                csock, addr = lsock.accept()
-            except (BlockingIOError, InterruptedError):
+                cfd, addr = accept()
+            except _AGAIN:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -560,7 +576,7 @@ class Worker:
                     )
                     self._pause_accept(lsock, listener)
                 return
-            self._admit(csock, addr, listener)
+            self._admit(cfd, family, addr, listener)
 
     def _pause_accept(self, lsock: socket.socket, listener: Listener) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning on the error."""
@@ -569,11 +585,11 @@ class Worker:
 
         def resume() -> None:
             if not self.draining and lsock.fileno() >= 0:
-                self.loop.add_reader(fd, self._on_accept, lsock, listener)
+                self.loop.add_reader(fd, functools.partial(self._on_accept, lsock, listener))
 
         self.loop.call_later(0.1, resume)
 
-    def _admit(self, csock: socket.socket, addr: tuple[str, int], listener: Listener) -> None:
+    def _admit(self, cfd: int, family: int, addr: tuple[str, int], listener: Listener) -> None:
         ip = plain_ip(addr[0])
         key = address_key(ip)
         verdict, tracked = self.admission.admit(key)
@@ -586,11 +602,10 @@ class Worker:
                 max=limit,
                 client=f"{ip}:{addr[1]}", listener=listener.name,
             )
-            csock.close()
+            os.close(cfd)
             return
-        csock.setblocking(False)
-        csock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Conn(self, csock, ip, addr[1], key, tracked, listener)
+        os.set_blocking(cfd, False)
+        conn = Conn(self, cfd, family, ip, addr[1], key, tracked, listener)
         self.conns.add(conn)
         self.stats.active += 1
         if listener.backend is not None and listener.mode == "tcp":
@@ -624,22 +639,22 @@ class Worker:
             return None
         self._resolving[key] = [then]
         port = backend.port
-        fut = asyncio.ensure_future(
-            self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), loop=self.loop
+        self.loop.run_in_thread(
+            lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM),
+            lambda infos, err: self._resolved_cb(key, host, port, infos, err),
         )
-        fut.add_done_callback(lambda f: self._resolved_cb(key, host, port, f))
         return None
 
     def _resolved_cb(
-        self, key: str, host: str, port: int, fut: asyncio.Future[AddrInfo]
+        self, key: str, host: str, port: int, infos: AddrInfo | None, err: BaseException | None
     ) -> None:
         answer: tuple[int, tuple[str, int]] | str
-        try:
-            info = fut.result()[0]
+        if err is None and infos:
+            info = infos[0]
             answer = (int(info[0]), (str(info[4][0]), port))
             ttl = 30.0
-        except (OSError, IndexError) as e:
-            answer = f"cannot resolve {host}: {e}"
+        else:
+            answer = f"cannot resolve {host}: {err or 'no address'}"
             ttl = 1.0
         self._resolved[key] = (time.monotonic() + ttl, answer)
         for cb in self._resolving.pop(key, []):
