@@ -1,9 +1,18 @@
 """Connection admission: `max_concurrent_conns` for the whole router, `max_conns_per_ip` per client.
 
-Exact across worker processes: all of them share one table in shared memory (a memfd mapped
-before the fork), guarded by one POSIX record lock on that memfd. A record lock (fcntl) rather
-than a semaphore because the kernel drops it when its holder dies, so a crashed worker can never
-wedge admission for the others; an uncontended lock/unlock is two short syscalls.
+Across worker processes, admission lives in shared memory (a memfd mapped before the fork).
+
+The global count costs no lock and no system call: each worker owns one counter that only it
+writes, and the live total is their sum. A worker adds its connection first and reads the sum
+after, so two workers racing for the last place see each other and do not both get in; since
+nothing orders a store before a later load across CPUs, the guarantee is that the total never
+exceeds the cap by more than workers - 1, and only while that many admissions race in the same
+instant. A dead worker's counter is reset by the supervisor before its replacement starts.
+
+The per-address cap (off unless configured) needs one table that every worker updates, guarded
+by one POSIX record lock on the memfd; with it on, the global check runs under that lock too,
+so both caps are exact. A record lock (fcntl) rather than a semaphore because the kernel drops
+it when its holder dies, so a crashed worker can never wedge admission for the others.
 
 The per-address table is open addressing with linear probing and backward-shift deletion: an
 address's slot is freed when its last connection closes, so memory is fixed (sized from
@@ -26,7 +35,7 @@ ADMITTED = 0
 REFUSED_GLOBAL = 1
 REFUSED_PER_IP = 2
 
-_HEADER = struct.Struct("=QQQQ")  # magic, live connections, tracked addresses, capacity
+_HEADER = struct.Struct("=QQQ")  # magic, tracked addresses, capacity
 _MAGIC = 0x4F52414D41444D31
 _KEY = 16
 _U32 = struct.Struct("=I")
@@ -102,13 +111,16 @@ class SharedTable:
         self.mask = self.capacity - 1
         # Per slot: address, total count, then one count per worker.
         self.slot = struct.Struct(f"={_KEY}sI{workers}I")
-        self.totals_off = _HEADER.size
+        # One 8-byte live-connection counter per worker, aligned so each load and store of one
+        # is a single machine access.
+        self.totals_off = 64
         self.table_off = self.totals_off + 8 * workers
         size = self.table_off + self.capacity * self.slot.size
         self.fd = os.memfd_create("orama-sni-admission", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        _HEADER.pack_into(self.mm, 0, _MAGIC, 0, 0, self.capacity)
+        _HEADER.pack_into(self.mm, 0, _MAGIC, 0, self.capacity)
+        self.counts = memoryview(self.mm)[self.totals_off : self.table_off].cast("Q")
 
     def lock(self) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
@@ -117,10 +129,10 @@ class SharedTable:
         fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def live(self) -> int:
-        return int(_U64.unpack_from(self.mm, 8)[0])
+        return sum(self.counts)
 
     def tracked(self) -> int:
-        return int(_U64.unpack_from(self.mm, 16)[0])
+        return int(_U64.unpack_from(self.mm, 8)[0])
 
     def for_worker(self, index: int, max_total: int, max_per_ip: int) -> SharedAdmission:
         return SharedAdmission(self, index, max_total, max_per_ip)
@@ -158,13 +170,11 @@ class SharedTable:
 
     def reap(self, index: int) -> int:
         """Forget everything a dead worker held; returns how many connections that was."""
+        held = int(self.counts[index])
+        self.counts[index] = 0
         self.lock()
         try:
             mm, slot, base = self.mm, self.slot, self.table_off
-            toff = self.totals_off + 8 * index
-            held = int(_U64.unpack_from(mm, toff)[0])
-            _U64.pack_into(mm, toff, 0)
-            _U64.pack_into(mm, 8, max(0, self.live() - held))
             entries: list[tuple[bytes, int, list[int]]] = []
             for i in range(self.capacity):
                 off = base + i * slot.size
@@ -178,7 +188,7 @@ class SharedTable:
             for key, total, counts in entries:
                 off, _found = self._find(key)
                 slot.pack_into(mm, off, key, total, *counts)
-            _U64.pack_into(mm, 16, len(entries))
+            _U64.pack_into(mm, 8, len(entries))
             return held
         finally:
             self.unlock()
@@ -187,11 +197,12 @@ class SharedTable:
 class SharedAdmission:
     """One worker's handle on the shared table."""
 
-    __slots__ = ("_count_off", "_toff", "max_per_ip", "max_total", "t")
+    __slots__ = ("_count_off", "_counts", "_index", "max_per_ip", "max_total", "t")
 
     def __init__(self, table: SharedTable, index: int, max_total: int, max_per_ip: int) -> None:
         self.t = table
-        self._toff = table.totals_off + 8 * index
+        self._counts = table.counts
+        self._index = index
         self._count_off = _KEY + 4 + 4 * index  # this worker's count within a slot
         self.max_total = 0
         self.max_per_ip = 0
@@ -204,43 +215,50 @@ class SharedAdmission:
         return self.max_total
 
     def admit(self, key: bytes) -> tuple[int, bool]:
+        if self.max_per_ip > 0:
+            return self._admit_tracked(key)
+        counts, i = self._counts, self._index
+        counts[i] += 1  # first count ourselves in, then look at the total (see the module doc)
+        if sum(counts) > self.max_total:
+            counts[i] -= 1
+            return REFUSED_GLOBAL, False
+        return ADMITTED, False
+
+    def _admit_tracked(self, key: bytes) -> tuple[int, bool]:
         t = self.t
         mm = t.mm
+        counts, i = self._counts, self._index
         t.lock()
         try:
-            live = _U64.unpack_from(mm, 8)[0]
-            if live >= self.max_total:
+            if sum(counts) >= self.max_total:
                 return REFUSED_GLOBAL, False
-            tracked = self.max_per_ip > 0
-            if tracked:
-                off, found = t._find(key)
-                if found:
-                    total = _U32.unpack_from(mm, off + _KEY)[0]
-                    if total >= self.max_per_ip:
-                        return REFUSED_PER_IP, False
-                    _U32.pack_into(mm, off + _KEY, total + 1)
-                    mine = _U32.unpack_from(mm, off + self._count_off)[0]
-                    _U32.pack_into(mm, off + self._count_off, mine + 1)
-                else:
-                    mm[off : off + _KEY] = key
-                    _U32.pack_into(mm, off + _KEY, 1)
-                    _U32.pack_into(mm, off + self._count_off, 1)
-                    _U64.pack_into(mm, 16, _U64.unpack_from(mm, 16)[0] + 1)
-            _U64.pack_into(mm, 8, live + 1)
-            _U64.pack_into(mm, self._toff, _U64.unpack_from(mm, self._toff)[0] + 1)
-            return ADMITTED, tracked
+            off, found = t._find(key)
+            if found:
+                total = _U32.unpack_from(mm, off + _KEY)[0]
+                if total >= self.max_per_ip:
+                    return REFUSED_PER_IP, False
+                _U32.pack_into(mm, off + _KEY, total + 1)
+                mine = _U32.unpack_from(mm, off + self._count_off)[0]
+                _U32.pack_into(mm, off + self._count_off, mine + 1)
+            else:
+                mm[off : off + _KEY] = key
+                _U32.pack_into(mm, off + _KEY, 1)
+                _U32.pack_into(mm, off + self._count_off, 1)
+                _U64.pack_into(mm, 8, _U64.unpack_from(mm, 8)[0] + 1)
+            counts[i] += 1
+            return ADMITTED, True
         finally:
             t.unlock()
 
     def release(self, key: bytes, tracked: bool) -> None:
+        if not tracked:
+            self._counts[self._index] -= 1
+            return
         t = self.t
         mm = t.mm
         t.lock()
         try:
-            _U64.pack_into(mm, 8, _U64.unpack_from(mm, 8)[0] - 1)
-            _U64.pack_into(mm, self._toff, _U64.unpack_from(mm, self._toff)[0] - 1)
-            if not tracked:
-                return
+            self._counts[self._index] -= 1
             off, found = t._find(key)
             if not found:
                 return
@@ -251,7 +269,7 @@ class SharedAdmission:
                 _U32.pack_into(mm, off + _KEY, total)
             else:
                 t._delete(off)
-                _U64.pack_into(mm, 16, _U64.unpack_from(mm, 16)[0] - 1)
+                _U64.pack_into(mm, 8, _U64.unpack_from(mm, 8)[0] - 1)
         finally:
             t.unlock()
 

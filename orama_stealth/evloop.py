@@ -31,6 +31,10 @@ from typing import Any
 MAX_EVENTS = 256
 _IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+# Readers are watched for the peer's FIN too, so a reader that drained the socket knows it
+# reached the end without one more read that returns 0 (see Loop.hup).
+_WATCH_IN = select.EPOLLIN | select.EPOLLRDHUP
+RDHUP = select.EPOLLRDHUP
 # Cancelled timers stay in the heap until due; rebuild it once they are most of it (each setup
 # phase arms one and nearly always cancels it).
 _COMPACT_AT = 1024
@@ -76,6 +80,7 @@ class Loop:
         "_wake_r",
         "_wake_w",
         "ep",
+        "hup",
         "on_error",
         "readers",
         "writers",
@@ -84,6 +89,10 @@ class Loop:
     def __init__(self, on_error: ErrorHandler = _report) -> None:
         self.ep = select.epoll()
         self.on_error = on_error
+        # While a reader callback runs: non-zero when epoll also reported the peer's FIN
+        # (EPOLLRDHUP). Everything the peer sent before it is then already queued, so a read
+        # that returns less than it asked for has reached the end.
+        self.hup = 0
         self.readers: dict[int, Callback] = {}
         self.writers: dict[int, Callback] = {}
         self._masks: dict[int, int] = {}
@@ -123,11 +132,11 @@ class Loop:
 
     def add_reader(self, fd: int, cb: Callback) -> None:
         self.readers[fd] = cb
-        self._set(fd, self._masks.get(fd, 0) | select.EPOLLIN)
+        self._set(fd, self._masks.get(fd, 0) | _WATCH_IN)
 
     def remove_reader(self, fd: int) -> None:
         if self.readers.pop(fd, None) is not None:
-            self._set(fd, self._masks.get(fd, 0) & ~select.EPOLLIN)
+            self._set(fd, self._masks.get(fd, 0) & ~_WATCH_IN)
 
     def add_writer(self, fd: int, cb: Callback) -> None:
         self.writers[fd] = cb
@@ -246,6 +255,7 @@ class Loop:
                     if ev & _IN:
                         cb = readers.get(fd)
                         if cb is not None:
+                            self.hup = ev & RDHUP
                             cb()
                     if ev & _OUT:
                         cb = writers.get(fd)

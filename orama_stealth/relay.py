@@ -19,9 +19,11 @@ Why it looks like this (figures in docs/router.md):
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orama_stealth.metrics import Stats
@@ -52,11 +54,26 @@ def splice_available() -> bool:
     return _SPLICE
 
 
+def _libc_shutdown() -> Callable[[int, int], int] | None:
+    try:
+        fn: Callable[[int, int], int] = ctypes.CDLL(None).shutdown
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_shutdown = _libc_shutdown()
+
+
 def shutdown_wr(fd: int) -> None:
-    """shutdown(SHUT_WR) on a bare descriptor: relayed sockets are kept as ints, not socket
-    objects (about 0.1 KiB each per idle connection), so a socket object is borrowed for the
-    call and detached so that dropping it does not close the descriptor. Family and type are
-    given because shutdown(2) ignores them, and otherwise the constructor asks the kernel."""
+    """shutdown(SHUT_WR) on a bare descriptor. Relayed sockets are kept as ints, not socket
+    objects (about 0.1 KiB each per idle connection), and Python has no shutdown for a bare
+    descriptor: libc's is called directly (errors do not matter here: the peer may be gone).
+    Borrowing a socket object instead costs a getsockname(2), which CPython uses to check the
+    descriptor, on every connection."""
+    if _shutdown is not None:
+        _shutdown(fd, socket.SHUT_WR)
+        return
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
     except OSError:
@@ -188,6 +205,11 @@ class Half:
                 self._to_splice()
         else:
             self.full = 0
+            if self.poller.hup:
+                # The peer's FIN was reported with these bytes and the read did not fill the
+                # buffer, so nothing is left before it: finish now instead of reading again
+                # just to get 0 (what HAProxy does with EPOLLRDHUP, too).
+                self._src_eof()
 
     def on_writable(self) -> None:
         try:
@@ -212,9 +234,15 @@ class Half:
     # --- end of one direction ----------------------------------------------------------------
 
     def _src_eof(self) -> None:
-        self.rd = False
-        self.poller.remove_reader(self.sfd)
         self.eof = True
+        self.rd = False
+        if not self.pending and not self.inpipe and self.conn.other_done(self):
+            # Both directions are over: the connection closes right now, and close(2) takes
+            # the descriptor out of the epoll set, so no epoll_ctl is spent on it.
+            self.done = True
+            self.conn.half_done()
+            return
+        self.poller.remove_reader(self.sfd)
         if not self.pending and not self.inpipe:
             self._finish()
 
@@ -235,6 +263,7 @@ class Half:
         drain_timeout. It costs one read per such connection per sweep.
         """
         if self.rd and not self.done:
+            self.poller.hup = 0  # not called from the loop: no FIN was reported with it
             if self.pipe_r >= 0:
                 self.on_splice_readable()
             else:

@@ -78,6 +78,21 @@ def test_half_close_client_still_receives_the_reply(rt: Router, pki: Pki) -> Non
     assert len(body) == 300000
 
 
+@pytest.mark.parametrize("size", [1, 700, 16383, 16384, 65535, 65536, 200_001])
+def test_last_bytes_sent_with_the_fin_all_arrive(rt: Router, size: int) -> None:
+    # The backend answers after the client's FIN and closes at once, so its last bytes and its
+    # FIN arrive together: the router may finish that direction without a read that returns 0
+    # (EPOLLRDHUP) only when nothing is left, at every reply size around its buffer's size.
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", rt.tcp_ports["raw"]), timeout=15) as s:
+            s.sendall(b"SUM %d\n" % size + b"z" * 10)
+            s.shutdown(socket.SHUT_WR)
+            reply = recv_all(s)
+        head, _, body = reply.partition(b"\n")
+        assert head.endswith(b" n=10")
+        assert len(body) == size
+
+
 @pytest.mark.parametrize(("sni", "version"), [("v1.example.test", "v1"), ("v2.example.test", "v2")])
 def test_proxy_header_carries_the_real_client_address(
     rt: Router, pki: Pki, farm: dict[str, Backend], sni: str, version: str

@@ -111,3 +111,26 @@ def test_signal_handler_runs_from_the_loop() -> None:
         signal.set_wakeup_fd(-1)
         loop.close()
     assert got == ["usr2"]
+
+
+def test_reader_sees_the_peers_fin_reported_with_its_data() -> None:
+    loop = Loop()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    seen: list[tuple[bytes, bool]] = []
+
+    def on_read() -> None:
+        seen.append((a.recv(100), bool(loop.hup)))
+        if len(seen) == 1:
+            b.send(b"last")
+            b.shutdown(socket.SHUT_WR)
+        else:
+            loop.stop()
+
+    loop.add_reader(a.fileno(), on_read)
+    b.send(b"first")
+    loop.run_forever()
+    loop.close()
+    a.close()
+    b.close()
+    assert seen == [(b"first", False), (b"last", True)]

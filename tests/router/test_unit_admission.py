@@ -127,8 +127,8 @@ def test_reap_frees_exactly_what_a_dead_worker_held() -> None:
     assert w0.admit(shared)[0] == REFUSED_PER_IP
 
 
-def _child(table: SharedTable, index: int, attempts: int, wfd: int) -> None:
-    adm = table.for_worker(index, 40, 7)
+def _child(table: SharedTable, index: int, attempts: int, wfd: int, per_ip: int = 7) -> None:
+    adm = table.for_worker(index, 40, per_ip)
     admitted = 0
     for n in range(attempts):
         verdict, _ = adm.admit(address_key(f"192.0.2.{n % 9}"))
@@ -136,10 +136,8 @@ def _child(table: SharedTable, index: int, attempts: int, wfd: int) -> None:
     os.write(wfd, f"{admitted}\n".encode())
 
 
-def test_caps_are_exact_across_forked_workers() -> None:
-    """4 processes race for 40 slots over 9 addresses capped at 7 each: exactly 40 get in."""
-    workers = 4
-    table = SharedTable(40, workers)
+def _race(table: SharedTable, workers: int, per_ip: int) -> int:
+    """Fork `workers` processes that each try 300 admissions; how many got in."""
     r, w = os.pipe()
     pids = []
     for index in range(workers):
@@ -147,7 +145,7 @@ def test_caps_are_exact_across_forked_workers() -> None:
         if pid == 0:  # child
             code = 1
             try:
-                _child(table, index, 300, w)
+                _child(table, index, 300, w, per_ip)
                 code = 0
             finally:
                 os._exit(code)
@@ -158,11 +156,33 @@ def test_caps_are_exact_across_forked_workers() -> None:
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
         with os.fdopen(r) as f:
-            admitted = sum(int(line) for line in f)
+            return sum(int(line) for line in f)
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_global_cap_without_a_lock_holds_across_forked_workers() -> None:
+    """No per-address cap: each worker counts itself in, then reads the sum, without a lock.
+    The documented bound is the cap plus workers - 1 at a racing instant, and the shared count
+    always equals what was admitted."""
+    workers = 4
+    table = SharedTable(40, workers)
+    admitted = _race(table, workers, per_ip=0)
+    assert 40 - (workers - 1) <= admitted <= 40 + (workers - 1)
+    assert table.live() == admitted
+    assert table.tracked() == 0
+    for index in range(workers):
+        table.reap(index)
+    assert table.live() == 0
+
+
+def test_caps_are_exact_across_forked_workers() -> None:
+    """4 processes race for 40 slots over 9 addresses capped at 7 each: exactly 40 get in."""
+    workers = 4
+    table = SharedTable(40, workers)
+    admitted = _race(table, workers, per_ip=7)
     assert admitted == 40
     assert table.live() == 40
     # 40 connections over 9 addresses capped at 7: at least 6 addresses hold some.
