@@ -242,6 +242,7 @@ class Loop:
         poll = self.ep.poll
         readers, writers = self.readers, self.writers
         on_error = self.on_error
+        in_, out, rdhup = _IN, _OUT, RDHUP  # locals: this loop runs once per event
         timeout = self._run_timers()
         while not self._stopping:
             try:
@@ -252,12 +253,12 @@ class Loop:
                 # Look each callback up when its turn comes: an earlier one in this batch may
                 # have closed a connection and forgotten its descriptors.
                 try:
-                    if ev & _IN:
+                    if ev & in_:
                         cb = readers.get(fd)
                         if cb is not None:
-                            self.hup = ev & RDHUP
+                            self.hup = ev & rdhup
                             cb()
-                    if ev & _OUT:
+                    if ev & out:
                         cb = writers.get(fd)
                         if cb is not None:
                             cb()

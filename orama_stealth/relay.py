@@ -11,8 +11,9 @@ Why it looks like this (figures in docs/router.md):
   was delivered; the connection closes when both directions are done.
 - Bulk: after a few reads that filled the whole buffer, the direction switches to splice(2)
   through a pipe, so the kernel moves the bytes without copying them through Python.
-- Idle detection is a flag set per read and checked by a coarse periodic sweep, never a timer
-  reset per chunk.
+- Idle detection and byte counting are one integer per direction, bumped per read: the coarse
+  periodic sweep folds it into the worker's counters and uses it to tell idle connections,
+  never a timer reset per chunk.
 - Sockets are bare descriptors watched by the worker's own epoll loop (`evloop.Loop`): an idle
   connection costs two dict entries there, no socket objects and no loop handles.
 """
@@ -48,6 +49,9 @@ _SPLICE_FLAGS = (
     getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2) if _SPLICE else 0
 )
 _AGAIN = (BlockingIOError, InterruptedError)
+# Module globals: one lookup each on the per-read path instead of a global and an attribute.
+_readv = os.readv
+_write = os.write
 
 
 def splice_available() -> bool:
@@ -101,13 +105,13 @@ class Half:
     """
 
     __slots__ = (
-        "active",
         "conn",
         "dfd",
         "done",
         "eof",
         "full",
         "inpipe",
+        "moved",
         "pending",
         "pipe_r",
         "pipe_size",
@@ -139,7 +143,7 @@ class Half:
         self.eof = False
         self.done = False
         self.full = 0
-        self.active = True
+        self.moved = 0  # bytes read since the last fold()
         self.rd = False
         self.wr = False
         self.pipe_r = -1
@@ -171,22 +175,18 @@ class Half:
 
     def on_readable(self) -> None:
         try:
-            n = os.readv(self.sfd, _BUFS)
+            n = _readv(self.sfd, _BUFS)
         except _AGAIN:
             return
         except OSError:
             self.conn.close()
             return
-        if n == 0:
+        if not n:
             self._src_eof()
             return
-        self.active = True
-        if self.upward:
-            self.stats.bytes_up += n
-        else:
-            self.stats.bytes_down += n
+        self.moved += n
         try:
-            sent = os.write(self.dfd, _MV[:n])
+            sent = _write(self.dfd, _MV[:n])
         except _AGAIN:
             sent = 0
         except OSError:
@@ -199,17 +199,18 @@ class Half:
             self.wr = True
             self.poller.add_writer(self.dfd, self.on_writable)
             return
-        if n >= LARGE_READ:
-            self.full += 1
-            if self.full >= BULK_READS and _SPLICE:
-                self._to_splice()
-        else:
-            self.full = 0
+        if n < LARGE_READ:
+            if self.full:
+                self.full = 0
             if self.poller.hup:
                 # The peer's FIN was reported with these bytes and the read did not fill the
                 # buffer, so nothing is left before it: finish now instead of reading again
                 # just to get 0 (what HAProxy does with EPOLLRDHUP, too).
                 self._src_eof()
+        else:
+            self.full += 1
+            if self.full >= BULK_READS and _SPLICE:
+                self._to_splice()
 
     def on_writable(self) -> None:
         try:
@@ -269,8 +270,21 @@ class Half:
             else:
                 self.on_readable()
 
+    def fold(self) -> int:
+        """Add the bytes read since the last fold to the worker's counters; return them (0:
+        this direction was idle since)."""
+        n = self.moved
+        if n:
+            self.moved = 0
+            if self.upward:
+                self.stats.bytes_up += n
+            else:
+                self.stats.bytes_down += n
+        return n
+
     def release(self) -> None:
         """Release the pipe; the connection closes (and so unregisters) the sockets."""
+        self.fold()
         self.rd = self.wr = False
         if self.pipe_r >= 0:
             os.close(self.pipe_r)
@@ -314,11 +328,7 @@ class Half:
         if n == 0:
             self._src_eof()
             return
-        self.active = True
-        if self.upward:
-            self.stats.bytes_up += n
-        else:
-            self.stats.bytes_down += n
+        self.moved += n
         self.inpipe = n
         if self._drain_pipe() and self.inpipe:
             self.rd = False

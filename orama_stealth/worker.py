@@ -693,11 +693,10 @@ class Worker:
             up, down = conn.up, conn.down
             if up is None or down is None:
                 continue
-            if up.active or down.active:
+            if up.fold() + down.fold():
                 # Bytes still flowing in the open direction restart the half-close clock too
                 # (like HAProxy's client-fin/server-fin): a long download after the client's
                 # FIN is not cut, a peer that went silent without closing is.
-                up.active = down.active = False
                 conn.idle_since = now
                 if conn.half_since:
                     conn.half_since = now
