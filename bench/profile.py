@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
     p.add_argument("--native", action="store_true",
-                   help="also sample C frames (uvloop, socket calls)")
+                   help="also sample C frames (libpython, libc system calls)")
     a = p.parse_args(argv)
     spy = shutil.which("py-spy")
     if spy is None:

@@ -89,7 +89,6 @@ def versions() -> dict[str, str]:
     root = Path(__file__).resolve().parent.parent
     return {
         "python": sys.version.split()[0],
-        "uvloop": _pkg("uvloop"),
         "orama_stealth": _pkg("orama-stealth"),
         "git_commit": _commit(root),
         "haproxy": _version([which("haproxy") or "haproxy", "-v"], r"version (\S+)"),

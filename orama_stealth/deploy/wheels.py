@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-RUNTIME_WHEELS = ("pyyaml", "uvloop", "pip")
+RUNTIME_WHEELS = ("pyyaml", "pip")
 
 
 class WheelError(RuntimeError):

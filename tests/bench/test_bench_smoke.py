@@ -43,7 +43,7 @@ def test_smoke_run_records_every_target_and_workload(tmp_path: Path) -> None:
     assert result["targets"] == list(TARGETS)
     for key in ("cpu_model", "cores", "kernel"):
         assert result["machine"][key]
-    for key in ("python", "uvloop", "haproxy", "nginx", "openssl"):
+    for key in ("python", "orama_stealth", "haproxy", "nginx", "openssl"):
         assert result["versions"][key]
     for w in WORKLOADS:
         for t in TARGETS:
