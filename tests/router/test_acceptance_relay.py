@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.router import BackendSpec, Router, router
@@ -136,3 +138,21 @@ def test_client_bytes_after_the_hello_are_replayed_exactly(rt: Router, pki: Pki)
 
 def test_fallback_still_works_next_to_proxy_routes(rt: Router, pki: Pki) -> None:
     assert hello(rt.port, "other.example.test", pki)["backend"] == "caddy"
+
+
+def test_bytes_are_counted_while_a_connection_is_open(
+    tmp_path: Path, farm: dict[str, Backend]
+) -> None:
+    # Live connections' bytes reach the counters at each sweep (0.1 s with a 1 s
+    # half_close_timeout), not only when they close.
+    up = 'orama_sni_router_bytes_total{direction="client_to_backend"}'
+    with router(
+        tmp_path, routes=[], fallback=("caddy", farm["caddy"].addr),
+        tcp_backends={"raw": ("plain", farm["plain"].addr)}, half_close_timeout="1s",
+    ) as r, socket.create_connection(("127.0.0.1", r.tcp_ports["raw"]), timeout=15) as s:
+        s.sendall(b"WAIT\n" + b"w" * 30000)
+        deadline = time.monotonic() + 10
+        while r.metric(up, default=0.0) < 30005 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.metric(up) == 30005
+        assert r.metric("active_connections") == 1
