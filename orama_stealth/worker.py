@@ -42,11 +42,6 @@ from orama_stealth.proxyproto import encode as proxy_encode
 from orama_stealth.relay import Half, read_exact_size
 from orama_stealth.routes import RouteTable
 
-# Connections taken per readiness report of a listener. Level-triggered epoll reports the
-# listener again while more are queued, so taking one per report never spends an accept(2)
-# that only says EAGAIN (one per connection at ordinary rates), and a burst is interleaved
-# with the traffic of the connections already admitted instead of starving it.
-ACCEPT_BATCH = 1
 # First retry of a refused dial; doubles up to the cap, always within backend_dial_timeout.
 RETRY_FIRST = 0.02
 RETRY_CAP = 0.25
@@ -571,22 +566,23 @@ class Worker:
         return functools.partial(self._on_accept, lsock, int(lsock.family), listener)
 
     def _on_accept(self, lsock: socket.socket, family: int, listener: Listener) -> None:
-        # _accept() gives the bare descriptor: accept() would wrap it in a socket object that
-        # the relay drops again anyway.
-        accept = lsock._accept  # type: ignore[attr-defined]
-        for _ in range(ACCEPT_BATCH):
-            try:
-                cfd, addr = accept()
-            except _AGAIN:
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.limited(
-                        "accept_failed", "accept failed", listener=listener.name, reason=str(e)
-                    )
-                    self._pause_accept(lsock, listener)
-                return
-            self._admit(cfd, family, addr, listener)
+        # One connection per readiness report: level-triggered epoll reports the listener again
+        # while more are queued, so no accept(2) is spent on an EAGAIN (one per connection at
+        # ordinary rates), and a burst is interleaved with the traffic of the connections
+        # already admitted instead of starving it. _accept() gives the bare descriptor: accept()
+        # would wrap it in a socket object that the relay drops again anyway.
+        try:
+            cfd, addr = lsock._accept()  # type: ignore[attr-defined]
+        except _AGAIN:
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.log.limited(
+                    "accept_failed", "accept failed", listener=listener.name, reason=str(e)
+                )
+                self._pause_accept(lsock, listener)
+            return
+        self._admit(cfd, family, addr, listener)
 
     def _pause_accept(self, lsock: socket.socket, listener: Listener) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning on the error."""
