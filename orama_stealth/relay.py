@@ -237,14 +237,12 @@ class Half:
     def _src_eof(self) -> None:
         self.eof = True
         self.rd = False
-        if not self.pending and not self.inpipe and self.conn.other_done(self):
-            # Both directions are over: the connection closes right now, and close(2) takes
-            # the descriptor out of the epoll set, so no epoll_ctl is spent on it.
-            self.done = True
-            self.conn.half_done()
-            return
-        self.poller.remove_reader(self.sfd)
-        if not self.pending and not self.inpipe:
+        flushed = not self.pending and not self.inpipe
+        if not (flushed and self.conn.other_done(self)):
+            # Otherwise both directions are over and the connection closes in _finish below:
+            # close(2) takes the descriptor out of the epoll set, no epoll_ctl is spent on it.
+            self.poller.remove_reader(self.sfd)
+        if flushed:
             self._finish()
 
     def _finish(self) -> None:
