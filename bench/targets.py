@@ -1,9 +1,11 @@
-"""What sits between the client and the origin: nothing, HAProxy, or orama-sni-router.
+"""What sits between the client and the origin: nothing, HAProxy, orama-sni-router, or the floor.
 
 Each target is started fresh by a context manager and stopped by PID when it exits. HAProxy
 gets the configuration an operator would write for SNI routing (the fair baseline);
 orama-sni-router runs as shipped, from a full configuration with routes, limits, timeouts
-and metrics, with its default number of workers.
+and metrics, with its default number of workers. The floor (bench/floor.py) is the router's
+data-path technique with nothing else, one process per CPU like the router: what a Python relay
+costs here before it does any of the router's work.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from bench.origin import SNI, Origin
 from bench.procs import free_port, running, tail, wait_log, wait_port
 
-TARGETS = ("direct", "haproxy", "router")
+TARGETS = ("direct", "haproxy", "router", "floor")
 # Enough for W4's idle connections plus headroom, within a 20,000 open-file limit at two
 # descriptors per routed connection.
 PROXY_MAXCONN = 9950
@@ -133,6 +135,13 @@ def start(target: str, origin: Origin, workdir: Path, tag: str) -> Iterator[Endp
                 raise RuntimeError(
                     f"orama-sni-router exited during start\n--- {log} ---\n{tail(log)}")
             wait_port("127.0.0.1", metrics, proc, log)
+            yield Endpoint(target, "127.0.0.1", port, proc.pid)
+        return
+    if target == "floor":
+        argv = [sys.executable, str(Path(__file__).with_name("floor.py")),
+                "--listen", f"127.0.0.1:{port}", "--backend", f"{origin.host}:{origin.port}"]
+        with running(argv, log) as proc:
+            wait_port("127.0.0.1", port, proc, log)
             yield Endpoint(target, "127.0.0.1", port, proc.pid)
         return
     raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")

@@ -13,7 +13,7 @@ import pytest
 from bench.report import goals, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ("direct", "haproxy", "router")
+TARGETS = ("direct", "haproxy", "router", "floor")
 WORKLOADS = ("w1_new_conns", "w1_latency", "w2_keepalive", "w3_bulk_1", "w3_bulk_n", "w4_idle")
 # The figure each workload must report, and the proxy-only figure (None for direct).
 KEY_FIGURE = {
