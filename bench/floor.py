@@ -66,6 +66,7 @@ class Relay:
         self.masks: dict[int, int] = {}
         self.buf = bytearray(BUFSIZE)
         self.view = memoryview(self.buf)
+        self.bufs = [self.buf]  # readv's list, built once as the router's is
 
     def _watch(self, fd: int, add: int, drop: int) -> None:
         old = self.masks.get(fd, 0)
@@ -131,7 +132,7 @@ class Relay:
             self._splice_in(d)
             return
         try:
-            n = os.readv(d.src, [self.buf])
+            n = os.readv(d.src, self.bufs)
         except _AGAIN:
             return
         except OSError:
