@@ -11,8 +11,8 @@ import random
 import statistics
 import time
 
-from orama_stealth.config import Backend, Route
-from orama_stealth.routes import RouteTable
+from orama_stealth.router.config import Backend, Route
+from orama_stealth.router.routes import RouteTable
 
 _ROUNDS = 5
 

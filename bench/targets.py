@@ -102,7 +102,7 @@ def router_argv(config: Path) -> list[str]:
     exe = shutil.which("orama-sni-router", path=str(Path(sys.executable).parent))
     exe = exe or shutil.which("orama-sni-router")
     if exe is None:
-        code = "import sys; from orama_stealth.cli import main; sys.exit(main())"
+        code = "import sys; from orama_stealth.router.cli import main; sys.exit(main())"
         return [sys.executable, "-c", code, "--config", str(config)]
     return [exe, "--config", str(config)]
 

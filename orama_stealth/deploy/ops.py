@@ -21,7 +21,6 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.operations import files
 
-from orama_stealth.config import ConfigError, parse_config
 from orama_stealth.deploy import layout, render, scripts
 from orama_stealth.deploy.canary import CanaryRefusal, check_canary
 from orama_stealth.deploy.facts import NodeSnapshot, Snapshot, TextFile
@@ -29,6 +28,7 @@ from orama_stealth.deploy.routercfg import RouterConfigMergeError, operator_rout
 from orama_stealth.deploy.settings import NodeSettings, settings_from_data
 from orama_stealth.deploy.verify import Outcome, caddy_probes, cutover_probes
 from orama_stealth.deploy.wheels import wheel_set
+from orama_stealth.router.config import ConfigError, parse_config
 
 logger = logging.getLogger("orama_stealth.deploy")
 Commands = Generator[Any, None, None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from orama_stealth.turn_auth import CredentialError, stealth_host
+from orama_stealth.wire.turn_auth import CredentialError, stealth_host
 
 TLS_MODES = ("files", "acme")
 PROXY_VERSIONS = ("v1", "v2")

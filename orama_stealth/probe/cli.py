@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
-from orama_stealth import turn_auth
+from orama_stealth import turn_secret
 from orama_stealth.probe.model import ProbeInputError, ProbeSpec, parse_target
 from orama_stealth.probe.output import to_json, to_table
 from orama_stealth.probe.runner import run_probe
 from orama_stealth.probe.turn_check import PEER_MODES
+from orama_stealth.wire import turn_auth
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -80,13 +82,13 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     if args.turn_password_file:
         if args.turn_password:
             raise ProbeInputError("give --turn-password or --turn-password-file, not both")
-        args.turn_password = turn_auth.read_secret(args.turn_password_file)
+        args.turn_password = turn_secret.read_secret(args.turn_password_file)
     if args.turn:
         if args.turn_secret_file:
             if args.turn_user or args.turn_password:
                 raise ProbeInputError("give --turn-secret-file or --turn-user/--turn-password, "
                                       "not both")
-            secret = turn_auth.read_secret(args.turn_secret_file)
+            secret = turn_secret.read_secret(args.turn_secret_file)
         elif not (args.turn_user and args.turn_password):
             raise ProbeInputError("--turn needs --turn-secret-file FILE, or --turn-user with "
                                   "--turn-password or --turn-password-file")
@@ -112,8 +114,8 @@ def probe_command(args: argparse.Namespace) -> int:
 
 def credentials_command(args: argparse.Namespace) -> int:
     try:
-        secret = turn_auth.read_secret(args.secret_file)
-        cred = turn_auth.rest_credential(secret, args.user, ttl=args.ttl)
+        secret = turn_secret.read_secret(args.secret_file)
+        cred = turn_auth.rest_credential(secret, args.user, now=time.time(), ttl=args.ttl)
         body = turn_auth.gateway_response(cred, args.turn_host, args.cdn_host)
     except turn_auth.CredentialError as e:
         return _usage_error(str(e))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
-from orama_stealth import stun, turn_auth
 from orama_stealth.probe.model import (
     CheckResult,
     NotTurnServer,
@@ -18,6 +18,7 @@ from orama_stealth.probe.model import (
 )
 from orama_stealth.probe.tls_check import connect_tls
 from orama_stealth.probe.turn_client import Allocation, TurnConnection, allocate, binding
+from orama_stealth.wire import stun, turn_auth
 
 PEER_MODES = ("allocation", "udp")
 
@@ -38,7 +39,9 @@ def _connection(spec: ProbeSpec, step: str) -> Iterator[TurnConnection]:
 
 def credentials(spec: ProbeSpec) -> tuple[str, str]:
     if spec.turn_secret is not None:
-        cred = turn_auth.rest_credential(spec.turn_secret, spec.turn_rest_user, ttl=600)
+        cred = turn_auth.rest_credential(
+            spec.turn_secret, spec.turn_rest_user, now=time.time(), ttl=600
+        )
         return cred.username, cred.password
     if spec.turn_user is not None and spec.turn_password is not None:
         return spec.turn_user, spec.turn_password

@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from orama_stealth import stun
 from orama_stealth.probe.model import NotTurnServer, ProbeFailure
+from orama_stealth.wire import stun
 
 SOFTWARE = b"orama-stealth probe"
 # How long to wait for an HTTP server's reply after the probe gave up on a STUN answer.

@@ -18,10 +18,11 @@ import pytest
 from cryptography import x509
 from support import lab as lab_fixtures
 
-from orama_stealth import stun, turn_auth
+from orama_stealth import turn_secret
 from orama_stealth.lab import image, nodeconf
 from orama_stealth.lab.node import LabNode
 from orama_stealth.lab.pki import TestCA
+from orama_stealth.wire import stun, turn_auth
 
 lab_node = lab_fixtures.lab_node
 lab_nodes = lab_fixtures.lab_nodes
@@ -209,8 +210,8 @@ def _turn_request(
 def test_turn_tls_relays_back_to_the_host(lab_node: LabNode) -> None:
     """A prober on the host allocates over TURN-TLS and is its own peer via the veth link."""
     st = lab_node.status()
-    secret = turn_auth.read_secret(str(st["turn_secret_file"]))
-    cred = turn_auth.rest_credential(secret, "labtest")
+    secret = turn_secret.read_secret(str(st["turn_secret_file"]))
+    cred = turn_auth.rest_credential(secret, "labtest", now=time.time())
     host_ip = str(st["host_address"])
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind((host_ip, 0))

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orama_stealth.config import load_config, parse_config
 from orama_stealth.deploy import render
 from orama_stealth.deploy.ops import privileged_listeners
 from orama_stealth.deploy.routercfg import RouterConfigMergeError, operator_routes, routes_yaml
 from orama_stealth.deploy.settings import SettingsError, settings_from_data
 from orama_stealth.lab.pki import TestCA
+from orama_stealth.router.config import load_config, parse_config
 
 CADDY = shutil.which("caddy")
 ROUTER = shutil.which("orama-sni-router")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from orama_stealth import stun
 from orama_stealth.lab.pki import TestCA
 from orama_stealth.probe.model import ProbeSpec
 from orama_stealth.probe.runner import run_probe
+from orama_stealth.wire import stun
 
 Behaviour = Callable[[ssl.SSLSocket, bytes], None]
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from probe.conftest import CDN
 from support.servers import CoturnServer
 
-from orama_stealth import turn_auth
 from orama_stealth.probe.model import ProbeInputError, ProbeSpec
 from orama_stealth.probe.runner import run_probe
+from orama_stealth.wire import turn_auth
 
 
 def spec(server: CoturnServer, ca_file: Path, **kw: object) -> ProbeSpec:
@@ -46,7 +47,7 @@ def test_turn_round_trip_with_rest_secret(
 def test_rest_credential_is_accepted_as_static_user(
     turn_server: CoturnServer, ca_file: Path
 ) -> None:
-    cred = turn_auth.rest_credential(turn_server.secret, "alice", ttl=300)
+    cred = turn_auth.rest_credential(turn_server.secret, "alice", now=time.time(), ttl=300)
     report = run_probe(spec(turn_server, ca_file, turn=True, turn_user=cred.username,
                             turn_password=cred.password))
     turn = report.check("turn")

@@ -10,11 +10,11 @@ import pytest
 from probe.conftest import CDN
 from support.servers import CoturnServer, coturn
 
-from orama_stealth import turn_auth
 from orama_stealth.lab.pki import TestCA
 from orama_stealth.probe.model import ProbeSpec
 from orama_stealth.probe.tls_check import connect_tls
 from orama_stealth.probe.turn_client import TurnConnection, allocate
+from orama_stealth.wire import turn_auth
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def short_nonce_turn(ca: TestCA, tmp_path: Path) -> Iterator[CoturnServer]:
 def test_stale_nonce_is_refreshed_and_retried(short_nonce_turn: CoturnServer) -> None:
     server = short_nonce_turn
     spec = ProbeSpec(server.host, server.tls_port, sni=CDN, ca_file=str(server.ca_file))
-    cred = turn_auth.rest_credential(server.secret, "nonce-test")
+    cred = turn_auth.rest_credential(server.secret, "nonce-test", now=time.time())
     conn = TurnConnection(connect_tls(spec, "connect"), spec.target, 5.0)
     try:
         alloc = allocate(conn, cred.username, cred.password)

@@ -1,7 +1,7 @@
 """Run a real `orama-sni-router --config FILE` for a test, and look at it from outside.
 
 `router(tmp_path, routes=..., fallback=...)` writes the YAML, starts the router (the console
-script when installed, else `python -m orama_stealth.cli`), waits for its `event=ready` line
+script when installed, else `python -m orama_stealth.router.cli`), waits for its `event=ready` line
 (never by connecting to it, which would itself be a connection to account for), and stops it by
 PID afterwards, even on failure. The handle exposes the log text, signals and `/metrics`.
 """
@@ -33,7 +33,7 @@ BackendSpec = tuple[str, str] | tuple[str, str, str]
 
 def router_argv() -> list[str]:
     exe = shutil.which("orama-sni-router")
-    return [exe] if exe else [sys.executable, "-m", "orama_stealth.cli"]
+    return [exe] if exe else [sys.executable, "-m", "orama_stealth.router.cli"]
 
 
 def backend_yaml(spec: BackendSpec) -> dict[str, str]:

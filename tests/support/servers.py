@@ -164,11 +164,11 @@ class RouterProcess:
 
 
 def router_available() -> str | None:
-    """None when `orama_stealth.cli` can run a router, else why not (for pytest.skip)."""
+    """None when `orama_stealth.router.cli` can run a router, else why not (for pytest.skip)."""
     try:
-        import orama_stealth.cli  # noqa: F401
+        import orama_stealth.router.cli  # noqa: F401
     except ImportError as e:
-        return f"orama_stealth.cli is not importable yet: {e}"
+        return f"orama_stealth.router.cli is not importable yet: {e}"
     return None
 
 
@@ -201,7 +201,7 @@ def sni_router(
     )
     log = d / "router.log"
     with running(
-        [sys.executable, "-m", "orama_stealth.cli", "--config", config],
+        [sys.executable, "-m", "orama_stealth.router.cli", "--config", config],
         log=log, wait_for=(LOOPBACK, port),
     ):
         yield RouterProcess(LOOPBACK, port, config, log)

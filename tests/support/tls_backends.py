@@ -9,7 +9,7 @@ backend a connection reached, under which SNI, and from which client address:
                  then stream `m` bytes of `pattern(m)`, close. Proves integrity and half-close.
 - `WAIT\\n`    -> say nothing until the client goes away (for idle and drain tests).
 
-With `proxy=True` the backend first reads a PROXY v1/v2 header (orama_stealth.proxyproto.parse)
+With `proxy=True` the backend first reads a PROXY v1/v2 header (orama_stealth.wire.proxyproto.parse)
 and reports the address it carries. TLS runs over a MemoryBIO so a client's TCP FIN never tears
 down the server's sending side: the server keeps writing after the client has shut down writing,
 which is exactly what the router must allow.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orama_stealth.lab.pki import IssuedCert, TestCA
-from orama_stealth.proxyproto import ProxyHeader, parse
+from orama_stealth.wire.proxyproto import ProxyHeader, parse
 
 LOOPBACK = "127.0.0.1"
 NAMES = (

@@ -7,7 +7,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from orama_stealth import sd
+from orama_stealth.router import sd
 
 
 def test_notify_reaches_a_path_socket(tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protocol.hellos import all_fixtures, frame, handshake_bytes
+from wire.hellos import all_fixtures, frame, handshake_bytes
 
-from orama_stealth.clienthello import ClientHello, ClientHelloReader, HelloError, NoSNI
+from orama_stealth.wire.clienthello import ClientHello, ClientHelloReader, HelloError, NoSNI
 
 FIXTURES = all_fixtures()
 NAMES = sorted(FIXTURES)

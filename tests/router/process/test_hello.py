@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from protocol.hellos import big_hello, frame
 from support.router import Router, router
 from support.tls_backends import Backend, Pki, client_context, hello, parse_ident, serving
+from wire.hellos import big_hello, frame
 
 
 @pytest.fixture(scope="module")

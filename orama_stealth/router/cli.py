@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from orama_stealth.config import ConfigError, RouterConfig, load_config
-from orama_stealth.logs import Logger
-from orama_stealth.routes import RouteTable
+from orama_stealth.router.config import ConfigError, RouterConfig, load_config
+from orama_stealth.router.logs import Logger
+from orama_stealth.router.routes import RouteTable
 
 EXIT_OK = 0
 EXIT_START_FAILED = 1
@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe(cfg))
         return EXIT_OK
 
-    from orama_stealth.sd import ListenFdsError
-    from orama_stealth.supervisor import BindError, Supervisor
+    from orama_stealth.router.sd import ListenFdsError
+    from orama_stealth.router.supervisor import BindError, Supervisor
 
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from orama_stealth.metrics import Stats, StatsRegion, merge, render
+from orama_stealth.router.metrics import Stats, StatsRegion, merge, render
 
 
 def test_worker_slots_are_read_back_across_fork_and_summed() -> None:

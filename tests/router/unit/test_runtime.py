@@ -187,7 +187,7 @@ def router(
     d.mkdir()
     config, log = d / "sni-router.yaml", d / "router.log"
     config.write_text(text)
-    argv = [*(argv_prefix or []), sys.executable, "-m", "orama_stealth.cli", "--config",
+    argv = [*(argv_prefix or []), sys.executable, "-m", "orama_stealth.router.cli", "--config",
             str(config)]
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=stdin,
@@ -207,14 +207,14 @@ def router(
 def test_check_prints_the_table_and_rejects_bad_files(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(config_yaml(443, 8443, {"cdn.example.com": 5349}))
-    out = subprocess.run([sys.executable, "-m", "orama_stealth.cli", "check", "--config",
+    out = subprocess.run([sys.executable, "-m", "orama_stealth.router.cli", "check", "--config",
                           str(good)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert re.search(r"cdn\.example\.com\s+-> be-5349 127\.0\.0\.1:5349", out.stdout)
     assert re.search(r"\*\s+-> fb 127\.0\.0\.1:8443", out.stdout)
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.read_text().replace("non_tls: fallback", "non_tls: maybe"))
-    out = subprocess.run([sys.executable, "-m", "orama_stealth.cli", "check", "--config",
+    out = subprocess.run([sys.executable, "-m", "orama_stealth.router.cli", "check", "--config",
                           str(bad)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().startswith(f"{bad}:2: non_tls: ")
@@ -227,8 +227,10 @@ def test_a_busy_port_is_a_clear_start_failure(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         cfg = tmp_path / "r.yaml"
         cfg.write_text(config_yaml(port, free_port()))
-        out = subprocess.run([sys.executable, "-m", "orama_stealth.cli", "--config", str(cfg)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "orama_stealth.router.cli", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=60,
+        )
     assert out.returncode == 1
     assert "event=start_failed" in out.stderr and f"127.0.0.1:{port}" in out.stderr
 

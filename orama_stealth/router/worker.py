@@ -23,8 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from orama_stealth.admission import REFUSED_GLOBAL, Admission, address_key
-from orama_stealth.clienthello import (
+from orama_stealth.router.admission import REFUSED_GLOBAL, Admission, address_key
+from orama_stealth.router.config import Backend, Listener, RouterConfig
+from orama_stealth.router.evloop import Loop, Timer
+from orama_stealth.router.logs import Logger
+from orama_stealth.router.metrics import Stats, StatsRegion
+from orama_stealth.router.relay import Half, read_exact_size
+from orama_stealth.router.routes import RouteTable
+from orama_stealth.wire.clienthello import (
     ClientHelloReader,
     HelloError,
     Malformed,
@@ -33,14 +39,8 @@ from orama_stealth.clienthello import (
     TooLarge,
     Truncated,
 )
-from orama_stealth.config import Backend, Listener, RouterConfig
-from orama_stealth.evloop import Loop, Timer
-from orama_stealth.logs import Logger
-from orama_stealth.metrics import Stats, StatsRegion
-from orama_stealth.proxyproto import ProxyProtocolError
-from orama_stealth.proxyproto import encode as proxy_encode
-from orama_stealth.relay import Half, read_exact_size
-from orama_stealth.routes import RouteTable
+from orama_stealth.wire.proxyproto import ProxyProtocolError
+from orama_stealth.wire.proxyproto import encode as proxy_encode
 
 # First retry of a refused dial; doubles up to the cap, always within backend_dial_timeout.
 RETRY_FIRST = 0.02

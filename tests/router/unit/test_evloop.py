@@ -6,7 +6,7 @@ import os
 import signal
 import socket
 
-from orama_stealth.evloop import _COMPACT_AT, Loop
+from orama_stealth.router.evloop import _COMPACT_AT, Loop
 
 
 def test_timers_run_in_order_and_cancelled_ones_never_run() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from orama_stealth.config import Backend, Route, RouterConfig
+from orama_stealth.router.config import Backend, Route, RouterConfig
 
 # TLS-ALPN-01 challenges must reach Caddy even for names routed elsewhere (RFC 8737).
 ACME_TLS_ALPN = "acme-tls/1"

@@ -12,7 +12,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
-import os
+import secrets
 import stringprep
 import struct
 import unicodedata
@@ -91,7 +91,7 @@ def split_type(t: int) -> tuple[int, MessageClass]:
 
 
 def new_transaction_id() -> bytes:
-    return os.urandom(12)
+    return secrets.token_bytes(12)
 
 
 # --- attribute values -------------------------------------------------------------------------

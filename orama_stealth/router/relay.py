@@ -27,11 +27,11 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from orama_stealth.metrics import Stats
+from orama_stealth.router.metrics import Stats
 
 if TYPE_CHECKING:
-    from orama_stealth.evloop import Loop
-    from orama_stealth.worker import Conn
+    from orama_stealth.router.evloop import Loop
+    from orama_stealth.router.worker import Conn
 
 BUFSIZE = 1 << 16
 # A direction counts as bulk, and moves to splice(2), after this many large reads in a row; a

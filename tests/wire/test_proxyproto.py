@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orama_stealth.proxyproto import (
+from orama_stealth.wire.proxyproto import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyProtocolError,

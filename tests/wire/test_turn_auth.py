@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orama_stealth import turn_auth
+from orama_stealth import turn_secret
+from orama_stealth.wire import turn_auth
 
 
 def test_rest_credential_matches_the_coturn_scheme() -> None:
@@ -22,9 +23,9 @@ def test_rest_credential_matches_the_coturn_scheme() -> None:
 
 def test_rest_credential_rejects_bad_input() -> None:
     with pytest.raises(turn_auth.CredentialError, match="ttl"):
-        turn_auth.rest_credential("s", "alice", ttl=0)
+        turn_auth.rest_credential("s", "alice", now=0, ttl=0)
     with pytest.raises(turn_auth.CredentialError, match="':'"):
-        turn_auth.rest_credential("s", "a:b")
+        turn_auth.rest_credential("s", "a:b", now=0)
 
 
 def test_gateway_response_puts_the_stealth_rung_last() -> None:
@@ -53,9 +54,9 @@ def test_stealth_host() -> None:
 def test_read_secret(tmp_path: Path) -> None:
     f = tmp_path / "secret"
     f.write_text("  abc123  \n# ignored\n")
-    assert turn_auth.read_secret(f) == "abc123"
+    assert turn_secret.read_secret(f) == "abc123"
     f.write_text("\n")
     with pytest.raises(turn_auth.CredentialError, match="empty"):
-        turn_auth.read_secret(f)
+        turn_secret.read_secret(f)
     with pytest.raises(turn_auth.CredentialError, match="cannot read"):
-        turn_auth.read_secret(tmp_path / "missing")
+        turn_secret.read_secret(tmp_path / "missing")

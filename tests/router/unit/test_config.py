@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orama_stealth.config import ConfigError, load_config, parse_config, parse_duration
+from orama_stealth.router.config import ConfigError, load_config, parse_config, parse_duration
 
 SEED = """\
 listen: ":443"

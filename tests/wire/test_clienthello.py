@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from protocol.hellos import (
+from wire.hellos import (
     EXPECTED,
     NAME,
     alpn_ext,
@@ -17,7 +17,7 @@ from protocol.hellos import (
     sni_ext,
 )
 
-from orama_stealth.clienthello import (
+from orama_stealth.wire.clienthello import (
     ClientHello,
     ClientHelloReader,
     HelloError,

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from orama_stealth.admission import (
+from orama_stealth.router.admission import (
     ADMITTED,
     REFUSED_GLOBAL,
     REFUSED_PER_IP,

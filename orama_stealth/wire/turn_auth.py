@@ -10,9 +10,7 @@ import base64
 import hashlib
 import hmac
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -36,28 +34,16 @@ def rest_password(secret: str | bytes, username: str) -> str:
 
 
 def rest_credential(
-    secret: str | bytes, user: str, ttl: int = 600, now: float | None = None
+    secret: str | bytes, user: str, *, now: float, ttl: int = 600
 ) -> TurnCredential:
+    """A credential valid for `ttl` seconds from `now` (the caller's clock, so this stays pure)."""
     if ttl <= 0:
         raise CredentialError(f"ttl must be a positive number of seconds, got {ttl}")
     if ":" in user:
         raise CredentialError(f"user must not contain ':' (it separates the expiry), got {user!r}")
-    expires = int(time.time() if now is None else now) + ttl
+    expires = int(now) + ttl
     username = f"{expires}:{user}"
     return TurnCredential(username, rest_password(secret, username), ttl, expires)
-
-
-def read_secret(path: str | Path) -> str:
-    """The shared secret from a file: first line, surrounding whitespace stripped."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CredentialError(f"{p}: cannot read the TURN shared secret: {e.strerror}") from e
-    lines = text.strip().splitlines()
-    if not lines or not lines[0].strip():
-        raise CredentialError(f"{p}: empty, expected the TURN shared secret on the first line")
-    return lines[0].strip()
 
 
 def _check_host(name: str, what: str) -> str:

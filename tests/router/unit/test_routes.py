@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orama_stealth.config import Backend, Route
-from orama_stealth.routes import RouteTable
+from orama_stealth.router.config import Backend, Route
+from orama_stealth.router.routes import RouteTable
 
 CADDY = Backend("caddy", "127.0.0.1:8443", "127.0.0.1", 8443)
 TURN = Backend("turn", "127.0.0.1:5349", "127.0.0.1", 5349)

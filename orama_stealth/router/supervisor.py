@@ -24,13 +24,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from orama_stealth import sd
-from orama_stealth.admission import LocalAdmission, SharedTable
-from orama_stealth.config import ConfigError, Listener, RouterConfig, load_config
-from orama_stealth.logs import Logger
-from orama_stealth.metrics import StatsRegion, merge, render
-from orama_stealth.routes import RouteTable
-from orama_stealth.worker import MSG_HEADER, Worker
+from orama_stealth.router import sd
+from orama_stealth.router.admission import LocalAdmission, SharedTable
+from orama_stealth.router.config import ConfigError, Listener, RouterConfig, load_config
+from orama_stealth.router.logs import Logger
+from orama_stealth.router.metrics import StatsRegion, merge, render
+from orama_stealth.router.routes import RouteTable
+from orama_stealth.router.worker import MSG_HEADER, Worker
 
 BACKLOG = 4096
 RESTART_BACKOFF = 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from orama_stealth.logs import Logger, format_line
+from orama_stealth.router.logs import Logger, format_line
 
 
 class Clock:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orama_stealth import stun
+from orama_stealth.wire import stun
 
 
 def unhex(text: str) -> bytes:

@@ -1,10 +1,10 @@
 """Capture real ClientHellos from real TLS clients into tests/fixtures/hellos/.
 
-Run: python3 tests/protocol/capture_hellos.py [OUTDIR]
+Run: python3 tests/wire/capture_hellos.py [OUTDIR]
 
 Each client connects to a loopback socket that answers nothing; the bytes it sends until its
 hello is complete are saved verbatim as `<name>.bin`. Framing here is deliberately independent of
-orama_stealth.clienthello (records are counted by hand) so the fixtures cross-check the reader.
+orama_stealth.wire.clienthello (records are counted by hand) so the fixtures cross-check the reader.
 The clients then fail their handshake; that is expected.
 """
 

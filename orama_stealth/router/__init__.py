@@ -1,0 +1,1 @@
+"""The SNI router's runtime: config, routes, supervisor, workers, relay, limits, metrics."""

@@ -1,0 +1,1 @@
+"""Sans-IO protocol code: bytes in, values out. No sockets, no clocks, no event loop."""
