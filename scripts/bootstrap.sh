@@ -8,6 +8,7 @@ APT_PACKAGES=(
   coturn            # the TURN server the probes and the lab talk to
   haproxy wrk nginx-light   # benchmark baseline, load generator, TLS origin
   systemd-container mmdebstrap iproute2 openssh-client   # the lab node
+  pebble            # the lab's ACME CA (with pebble-challtestsrv for its DNS answers)
   curl openssl ca-certificates
 )
 missing=()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orama_stealth.lab import image, measure, nodeconf
+from orama_stealth.lab.acme import AcmeError
 from orama_stealth.lab.node import (
     DEFAULT_STATE_DIR,
     LabError,
@@ -32,10 +33,12 @@ def _node(args: argparse.Namespace) -> LabNode:
     index = args.index if args.index is not None else rec.get("index", 0)
     base = getattr(args, "base_domain", None) or rec.get("base_domain")
     namespace = getattr(args, "namespace", None) or rec.get("namespace")
+    acme = bool(getattr(args, "acme", False) or rec.get("acme"))
     return LabNode(
         args.name, index if isinstance(index, int) else 0, state,
         base_domain=base if isinstance(base, str) else nodeconf.DEFAULT_BASE_DOMAIN,
         namespace=namespace if isinstance(namespace, str) else nodeconf.DEFAULT_NAMESPACE,
+        acme=acme,
         apt_sources=Path(args.apt_sources) if getattr(args, "apt_sources", None) else None,
         log=_err,
     )
@@ -50,7 +53,8 @@ def _guard(fn: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
             code: int = fn(args)
-        except (LabError, image.ImageError, nodeconf.SpecError, NspawnError, OSError) as e:
+        except (LabError, image.ImageError, nodeconf.SpecError, NspawnError, AcmeError,
+                OSError) as e:
             _err(f"orama-stealth lab {args.lab_command}: error: {e}")
             return 1
         return code
@@ -170,6 +174,9 @@ def register(sub: Any) -> None:
     up.add_argument("--base-domain", default=nodeconf.DEFAULT_BASE_DOMAIN)
     up.add_argument("--namespace", default=nodeconf.DEFAULT_NAMESPACE,
                     help="namespace whose hashed cdn name gets a certificate")
+    up.add_argument("--acme", action="store_true",
+                    help="Caddy obtains its certificates from a real ACME CA (pebble on the "
+                    "host end of the link) for the base and the stealth name")
     up.add_argument("--json", action="store_true", help="print status and timings as JSON")
     up.set_defaults(handler=_guard(cmd_up))
 

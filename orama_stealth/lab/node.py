@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orama_stealth.lab import image, netns, nodeconf, nspawn
+from orama_stealth.lab import acme, image, netns, nodeconf, nspawn
+from orama_stealth.lab.acme import AcmeCA
 from orama_stealth.lab.nodeconf import NodeSpec
 from orama_stealth.lab.pki import TestCA
 
@@ -32,6 +33,9 @@ NET_LOCK = Path("/run/lock/orama-lab-net.lock")
 SSH_WAIT = 60.0
 SYSTEMD_WAIT = 90.0
 PORT_WAIT = 15.0
+CERT_WAIT = 90.0
+# Debian's caddy.service runs as caddy with HOME=/var/lib/caddy: Caddy's default storage.
+CADDY_STORAGE = "/var/lib/caddy/.local/share/caddy"
 
 
 class LabError(RuntimeError):
@@ -99,6 +103,10 @@ class NodePaths:
     def nspawn_log(self) -> Path:
         return self.node_dir / "nspawn.log"
 
+    @property
+    def acme_dir(self) -> Path:
+        return self.node_dir / "acme"
+
 
 def recorded(name: str, state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, object]:
     """What the node's last `up` recorded (index, base_domain, namespace, pid, ...), so
@@ -162,11 +170,13 @@ class LabNode:
         *,
         base_domain: str = nodeconf.DEFAULT_BASE_DOMAIN,
         namespace: str = nodeconf.DEFAULT_NAMESPACE,
+        acme: bool = False,
         apt_sources: Path | None = None,
         log: Callable[[str], None] = _say,
     ) -> None:
-        self.spec = NodeSpec(name, index, nodeconf.check_domain(base_domain), namespace)
+        self.spec = NodeSpec(name, index, nodeconf.check_domain(base_domain), namespace, acme)
         self.paths = NodePaths(Path(state_dir).absolute(), name)
+        self.acme_ca = AcmeCA(self.spec.host_address, self.spec.address, self.paths.acme_dir)
         self.apt_sources = apt_sources
         self.log = log
         self._proc: subprocess.Popen[bytes] | None = None
@@ -200,7 +210,7 @@ class LabNode:
             "base_domain": s.base_domain,
             "namespace": s.namespace,
             "cdn_hosts": s.cdn_hosts,
-            "ca_file": str(p.ca_cert),
+            "ca_file": str(self.acme_ca.roots_file if s.acme else p.ca_cert),
             "turn_secret_file": str(p.turn_secret),
             "turn_port": nodeconf.TURN_PORT,
             "turn_tls_port": nodeconf.TURN_TLS_PORT,
@@ -220,7 +230,25 @@ class LabNode:
             "state_dir": str(p.state_dir),
             "pid": pid,
             "running": pid is not None,
+            "acme": self._acme_status() if s.acme else None,
         }
+
+    def _acme_status(self) -> dict[str, object]:
+        ca = self.acme_ca
+        return {
+            "directory": ca.directory_url,
+            # On the node: what Caddy trusts for the directory's HTTPS (the lab CA).
+            "directory_root": nodeconf.NODE_CA_CERT,
+            "roots_file": str(ca.roots_file),
+            "caddy_storage": CADDY_STORAGE,
+            "cert_dir": self.caddy_cert_dir(),
+        }
+
+    def caddy_cert_dir(self) -> str:
+        """Caddy's certificate directory for the lab CA (certmagic's issuer key: host-port
+        and path of the directory URL)."""
+        issuer = f"{self.spec.host_address}-{acme.DIR_PORT}-dir"
+        return f"{CADDY_STORAGE}/certificates/{issuer}"
 
     def ssh_argv(self, command: str | Sequence[str] = ()) -> list[str]:
         cmd = command if isinstance(command, str) else shlex.join(command)
@@ -304,6 +332,9 @@ class LabNode:
         with image.file_lock(NET_LOCK):
             self._check_net_free()
             netns.create(s.netns, s.host_if, s.host_address, s.address, s.subnet.prefixlen)
+        if s.acme:
+            # Before the boot: Caddy asks the CA for certificates as soon as it starts.
+            self.acme_ca.start(TestCA.load(p.ca_cert, p.ca_key))
         p.nspawn_log.write_bytes(b"")
         self._proc = nspawn.boot(p.merged, s.name, netns.NETNS_DIR / s.netns, p.nspawn_log)
         self._write_record(img, self._proc.pid)
@@ -313,7 +344,27 @@ class LabNode:
         self._wait_running()
         self._verify_services()
         t_ready = time.monotonic()
-        return {"prepare": t_boot - t0, "ssh": t_ssh - t_boot, "ready": t_ready - t_boot}
+        timings = {"prepare": t_boot - t0, "ssh": t_ssh - t_boot, "ready": t_ready - t_boot}
+        if s.acme:
+            self.wait_certificates([s.base_domain, *s.cdn_hosts])
+            timings["certificates"] = time.monotonic() - t_boot
+        return timings
+
+    def caddy_cert_file(self, name: str) -> str:
+        return f"{self.caddy_cert_dir()}/{name}/{name}.crt"
+
+    def wait_certificates(self, names: Sequence[str], timeout: float = CERT_WAIT) -> None:
+        """Until Caddy has stored a certificate from the lab CA for every name."""
+        test = " && ".join(f"test -s {shlex.quote(self.caddy_cert_file(n))}" for n in names)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ssh(test, timeout=20).returncode == 0:
+                return
+            time.sleep(0.5)
+        logs = self.ssh("journalctl -u caddy --no-pager -n 15 -o cat").stdout
+        raise LabError(f"{self.name}: Caddy has no ACME certificate for all of {list(names)} "
+                       f"after {timeout:.0f}s; pebble logs in {self.acme_ca.work_dir}; "
+                       f"caddy: {logs[-2500:]}")
 
     def _check_net_free(self) -> None:
         s = self.spec
@@ -367,7 +418,8 @@ class LabNode:
         put(nodeconf.NODE_CDN_CERT, cdn.cert_file.read_bytes(), 0o644)
         put(nodeconf.NODE_CDN_KEY, cdn.key_file.read_bytes(), 0o640, (0, turn[1]))
         put(nodeconf.NODE_TURN_SECRET, secret + "\n", 0o600)
-        put("/etc/caddy/Caddyfile", nodeconf.caddyfile(s))
+        put("/etc/caddy/Caddyfile", nodeconf.acme_caddyfile(s, self.acme_ca.directory_url)
+            if s.acme else nodeconf.caddyfile(s))
         put("/etc/turnserver.conf", nodeconf.turnserver_conf(s, secret), 0o640, (0, turn[1]))
         put("/etc/default/coturn", nodeconf.coturn_default())
         self._trust_ca(root)
@@ -407,6 +459,7 @@ class LabNode:
             "name": self.name, "index": self.spec.index, "pid": pid,
             "host_if": self.spec.host_if, "netns": self.spec.netns,
             "base_domain": self.spec.base_domain, "namespace": self.spec.namespace,
+            "acme": self.spec.acme,
             "rootfs": str(img.rootfs), "recipe_hash": img.recipe_hash,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -487,11 +540,11 @@ class LabNode:
         pids = [pid] if isinstance(pid, int) else nspawn.find(s.name, p.merged)
         for one in pids:
             how = nspawn.stop(one, s.name)
+        removed: list[str] = [f"pebble:{pid}" for pid in self.acme_ca.stop()]
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(5)
             self._proc = None
-        removed: list[str] = []
         if rec:
             # Only a namespace this state dir created is ours to delete.
             removed += netns.destroy(str(rec.get("netns") or s.netns), str(rec.get("host_if")))

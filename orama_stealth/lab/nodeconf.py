@@ -71,6 +71,8 @@ class NodeSpec:
     index: int = 0
     base_domain: str = DEFAULT_BASE_DOMAIN
     namespace: str = DEFAULT_NAMESPACE
+    # Caddy gets its certificates from the lab's ACME CA (pebble) instead of the lab CA.
+    acme: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -103,6 +105,10 @@ class NodeSpec:
 
     @property
     def cdn_hosts(self) -> list[str]:
+        if self.acme:
+            # coturn serves one certificate (it has no SNI selection) and Caddy obtains one
+            # per name, so an ACME node's TURN server can be right for one stealth name only.
+            return [stealth_host(self.namespace, self.base_domain)]
         return [f"cdn.{self.base_domain}", stealth_host(self.namespace, self.base_domain)]
 
     @property
@@ -134,6 +140,28 @@ def caddyfile(spec: NodeSpec) -> str:
 \ttls {NODE_SITE_CERT} {NODE_SITE_KEY}
 \trespond /health "ok" 200
 \trespond "orama lab node {spec.name}: {{host}}" 200
+}}
+"""
+
+
+def acme_caddyfile(spec: NodeSpec, directory_url: str) -> str:
+    """Caddy on :443/:80 obtaining every certificate from the lab's ACME CA, as a production
+    node does from Let's Encrypt: the base name and each stealth name (so the TURN server
+    has a certificate to take over at the cutover)."""
+    cdn = ", ".join(spec.cdn_hosts)
+    return f"""# Lab node {spec.name}: Caddy before the cutover, certificates by ACME (lab pebble).
+{{
+\tacme_ca {directory_url}
+\tacme_ca_root {NODE_CA_CERT}
+}}
+
+{spec.base_domain} {{
+\trespond /health "ok" 200
+\trespond "orama lab node {spec.name}: {{host}}" 200
+}}
+
+{cdn} {{
+\trespond 404
 }}
 """
 

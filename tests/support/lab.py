@@ -80,10 +80,12 @@ def lab_nodes() -> Iterator[Callable[..., LabNode]]:
     def make(
         base_domain: str = nodeconf.DEFAULT_BASE_DOMAIN,
         namespace: str = nodeconf.DEFAULT_NAMESPACE,
+        acme: bool = False,
     ) -> LabNode:
         index, fd = _claim_slot()
         node = LabNode(
-            f"olt{index}", index, _state_dir(), base_domain=base_domain, namespace=namespace
+            f"olt{index}", index, _state_dir(), base_domain=base_domain, namespace=namespace,
+            acme=acme,
         )
         started.append((node, fd))
         node.up()
