@@ -53,14 +53,22 @@ _data = {
     "turn_tls_addr": f"127.0.0.1:{_lab.get('turn_tls_port', 5349)}",
     "ca_file": _lab.get("ca_file"),
     "turn_secret_file": _lab.get("turn_secret_file"),
-    # The lab has no ACME: Caddy uses the site certificate the lab wrote (it covers *.base).
-    "tls_mode": "files" if _files.get("site_cert") else "acme",
+    # Without --acme, Caddy uses the site certificate the lab wrote (it covers *.base).
+    "tls_mode": "files",
     "tls_cert_file": _files.get("site_cert"),
     "tls_key_file": _files.get("site_key"),
     "caddyfile": _files.get("caddyfile", "/etc/caddy/Caddyfile"),
     # Debian's Caddy 2.6 has no proxy_protocol listener: preflight would refuse it.
     "proxy_protocol": False,
 }
+
+_acme = _lab.get("acme")
+if _acme:
+    # `lab up --acme`: Caddy obtains every certificate from the lab's pebble, as in production.
+    _data.update({
+        "tls_mode": "acme", "tls_cert_file": None, "tls_key_file": None,
+        "acme_ca": _acme["directory"], "acme_ca_root": _acme["directory_root"],
+    })
 
 canary = [(_lab["name"], _data)]
 if os.environ.get("ORAMA_LAB_ROLE") == "fleet":

@@ -12,6 +12,7 @@ from typing import Any
 import jinja2
 
 from orama_stealth.deploy import layout
+from orama_stealth.deploy.caddysites import site_hosts
 from orama_stealth.deploy.settings import NodeSettings
 
 BEGIN = "# >>> orama-stealth managed {part}: written by deploys/cutover.py, removed by rollback"
@@ -121,14 +122,17 @@ def caddyfile(s: NodeSettings, current: str) -> str:
     """
     lines = strip_managed(current).split("\n")
     glob = render("caddy-global.j2", caddy_https_port=s.caddy_https_port,
-                  caddy_http_port=s.caddy_http_port, proxy_protocol=s.proxy_protocol)
+                  caddy_http_port=s.caddy_http_port, proxy_protocol=s.proxy_protocol,
+                  acme_ca=s.acme_ca, acme_ca_root=s.acme_ca_root)
     start = _global_block_start(lines)
     if start is None:
         lines = [*_block("global options", "{\n\t" + glob.rstrip("\n").replace("\n", "\n\t")
                          + "\n}"), "", *lines]
     else:
         lines[start + 1:start + 1] = _block("global options", glob, indent="\t")
-    sites = render("caddy-sites.j2", cdn_hosts=list(s.cdn_hosts), tls_mode=s.tls_mode,
+    served = site_hosts(strip_managed(current))  # the operator's own cdn sites stay theirs
+    sites = render("caddy-sites.j2", cdn_hosts=[n for n in s.cdn_hosts if n not in served],
+                   tls_mode=s.tls_mode,
                    tls_cert_file=s.tls_cert_file, tls_key_file=s.tls_key_file)
     body = "\n".join(lines).rstrip("\n")
     return body + "\n\n" + "\n".join(_block("sites", sites.strip("\n"))) + "\n"

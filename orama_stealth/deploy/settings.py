@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from orama_stealth.wire.turn_auth import CredentialError, stealth_host
 
@@ -49,6 +50,8 @@ class NodeSettings:
     canary_soak: float
     pause_after: str | None
     router_wheel: str | None  # on this machine: ship this wheel instead of building one
+    acme_ca: str | None = None  # Caddy's ACME directory URL (None: Caddy's default CAs)
+    acme_ca_root: str | None = None  # on the node: PEM root Caddy trusts for that directory
 
     @property
     def turn_tls_port(self) -> int:
@@ -148,6 +151,7 @@ def settings_from_data(host: str, data: HostDataLike) -> NodeSettings:
     if (gw_config is None) != (gw_url is None):
         raise _err(host, "gateway_config", "give both gateway_config and gateway_url, or neither")
 
+    acme_ca, acme_ca_root = _acme(data, host)
     probe = _str(data, host, "probe_address") or _str(data, host, "ssh_hostname") or host
     return NodeSettings(
         host=host,
@@ -172,4 +176,27 @@ def settings_from_data(host: str, data: HostDataLike) -> NodeSettings:
                               data.get("canary_soak", DEFAULT_CANARY_SOAK)),
         pause_after=pause,
         router_wheel=_str(data, host, "router_wheel"),
+        acme_ca=acme_ca,
+        acme_ca_root=acme_ca_root,
     )
+
+
+def _acme(data: HostDataLike, host: str) -> tuple[str | None, str | None]:
+    """acme_ca must be an https directory URL; acme_ca_root an absolute path on the node and
+    only with acme_ca (it is the trust anchor for that directory's HTTPS)."""
+    ca = _str(data, host, "acme_ca")
+    root = _str(data, host, "acme_ca_root")
+    if ca is not None:
+        parsed = urlsplit(ca)
+        if parsed.scheme != "https" or not parsed.hostname or any(c.isspace() for c in ca):
+            raise _err(host, "acme_ca", f"expected the https:// URL of an ACME directory "
+                       f"(e.g. https://acme-staging-v02.api.letsencrypt.org/directory), "
+                       f"got {ca!r}")
+    if root is not None:
+        if ca is None:
+            raise _err(host, "acme_ca_root", "set only together with acme_ca (it is the root "
+                       "Caddy trusts for that directory's HTTPS)")
+        if not root.startswith("/") or any(c.isspace() for c in root):
+            raise _err(host, "acme_ca_root", f"expected an absolute path of a PEM file on the "
+                       f"node, got {root!r}")
+    return ca, root

@@ -229,3 +229,52 @@ def test_yaml_dump_keeps_operator_route_fields() -> None:
                                                          "proxy_protocol": "v2"}}
     text = "routes:\n" + routes_yaml([route])
     assert yaml.safe_load(text) == {"routes": [route]}
+
+
+@needs_caddy
+def test_acme_ca_and_root_rendered_into_global_options(tmp_path: Path) -> None:
+    root = tmp_path / "staging-root.pem"
+    root.write_bytes(TestCA().cert_pem)
+    s = settings_from_data("node-1", {
+        "base_domain": "example.test", "tls_mode": "acme", "namespaces": ["myapp"],
+        "acme_ca": "https://acme-staging.example.test/directory", "acme_ca_root": str(root),
+    })
+    for operator in (OPERATOR_PLAIN, OPERATOR_WITH_GLOBAL):
+        adapted = _caddy(tmp_path, "adapt", render.caddyfile(s, operator))
+        assert adapted.returncode == 0, adapted.stderr
+        policies = json.loads(adapted.stdout)["apps"]["tls"]["automation"]["policies"]
+        issuers = [i for p in policies for i in p.get("issuers", [])]
+        assert issuers and all(i["ca"] == "https://acme-staging.example.test/directory"
+                               and i["trusted_roots_pem_files"] == [str(root)]
+                               for i in issuers), issuers
+    plain = settings_from_data("node-1", {"base_domain": "example.test", "tls_mode": "acme"})
+    assert "acme_ca" not in render.caddyfile(plain, OPERATOR_PLAIN)
+
+
+@pytest.mark.parametrize(("data", "key", "expected"), [
+    ({"acme_ca": "http://acme.example.test/dir"}, "acme_ca", "https:// URL"),
+    ({"acme_ca": "acme.example.test"}, "acme_ca", "https:// URL"),
+    ({"acme_ca_root": "/etc/ssl/root.pem"}, "acme_ca_root", "only together with acme_ca"),
+    ({"acme_ca": "https://acme.example.test/dir", "acme_ca_root": "root.pem"},
+     "acme_ca_root", "absolute path"),
+])
+def test_acme_keys_rejected_with_clear_errors(data: dict[str, object], key: str,
+                                              expected: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        settings_from_data("node-1", {"base_domain": "example.test", **data})
+    assert f"host node-1: {key}:" in str(err.value) and expected in str(err.value)
+
+
+@needs_caddy
+def test_operator_site_for_a_cdn_name_is_not_duplicated(tmp_path: Path) -> None:
+    s = settings_from_data("node-1", {"base_domain": "example.test", "tls_mode": "acme",
+                                      "cdn_hosts": ["cdn.example.test", "cdn2.example.test"]})
+    operator = OPERATOR_PLAIN + '\n# a "{" in a comment\ncdn.example.test {\n\trespond 404\n}\n'
+    text = render.caddyfile(s, operator)
+    checked = _caddy(tmp_path, "validate", text)
+    assert checked.returncode == 0, checked.stderr  # no "ambiguous site definition"
+    servers = json.loads(_caddy(tmp_path, "adapt", text).stdout)["apps"]["http"]["servers"]
+    hosts = [h for srv in servers.values() for r in srv.get("routes", [])
+             for m in r.get("match", []) for h in m.get("host", [])]
+    assert sorted(hosts) == ["cdn.example.test", "cdn2.example.test", "example.test"]
+    assert text.count("cdn2.example.test {") == 1 and text.count("cdn.example.test {") == 1
