@@ -8,7 +8,7 @@ same run and exits non-zero. `--data pause_after=<step>` stops after a step (for
 interrupted cutover). See docs/cutover.md.
 """
 
-from orama_stealth.deploy import ops
+from orama_stealth.deploy import certtruth, ops, turncert
 
 # 1. Preflight: fail before any change (Caddy on :443, TURN TLS up, ports 8443/8080 free,
 #    canary soaked, new Caddyfile and router config accepted by caddy and orama-sni-router).
@@ -33,6 +33,9 @@ ops.pause_point("switch", name="pause after switch (only with --data pause_after
 # 5. Verify with real probes through :443 and :80; on failure roll back and fail the run.
 ops.verify_or_rollback(name="5. verify through :443 (rolls back on failure)")
 ops.record_state(name="5b. record cutover state")
+# tls_mode acme: the TURN server serves Caddy's certificate; renewals reach it by SIGUSR2.
+turncert.turn_certificate(name="5c. TURN server takes Caddy's certificate for the stealth name")
+certtruth.certificate_truth(name="5d. served certificate is Caddy's current one, not expiring")
 ops.pause_point("verify", name="pause after verify (only with --data pause_after=verify)")
 
 # 6. Optional: the gateway's stealth domain and its credentials ladder.

@@ -3,6 +3,7 @@
     pyinfra -y inventories/prod.py deploys/verify.py --limit canary
 """
 
-from orama_stealth.deploy import ops
+from orama_stealth.deploy import certtruth, ops
 
 ops.probes_only(name="verify through :443 and :80")
+certtruth.certificate_truth(name="served certificates are Caddy's current ones, not expiring")

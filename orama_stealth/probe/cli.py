@@ -51,6 +51,13 @@ def register(sub: Any) -> None:
                    help="allocation: a second allocation is the peer (default, no NAT issues); "
                    "udp: a local UDP socket is the peer")
     p.add_argument("--peer-bind", metavar="ADDR", help="address for the UDP peer (--peer-mode udp)")
+    p.add_argument("--cert-truth", action="store_true",
+                   help="report the served leaf (issuer, serial, not-after, days left); fail "
+                   "below --cert-min-days or when it is not the leaf of --expect-cert")
+    p.add_argument("--expect-cert", metavar="PEM", help="the certificate the server must serve")
+    p.add_argument("--cert-min-days", type=float, default=14.0, metavar="N",
+                   help="--cert-truth fails with fewer than N days left (default 14)")
+    p.add_argument("--cert-fix", metavar="TEXT", help="the fix to print when it is not")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=probe_command)
 
@@ -100,6 +107,8 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
         expect_server=args.expect_server, stun=args.stun, turn=args.turn,
         turn_user=args.turn_user, turn_password=args.turn_password, turn_secret=secret,
         turn_rest_user=args.turn_rest_user, peer_mode=args.peer_mode, peer_bind=args.peer_bind,
+        cert_truth=args.cert_truth or bool(args.expect_cert), expect_cert_file=args.expect_cert,
+        cert_min_days=args.cert_min_days, cert_fix=args.cert_fix,
     )
 
 

@@ -43,6 +43,10 @@ class ProbeSpec:
     turn_rest_user: str = "orama-probe"
     peer_mode: str = "allocation"       # "allocation" | "udp"
     peer_bind: str | None = None        # UDP peer address for peer_mode "udp"
+    cert_truth: bool = False            # report the served leaf; see probe/cert_truth.py
+    expect_cert_file: str | None = None  # PEM whose leaf the server must present
+    cert_min_days: float = 14.0         # cert-truth fails below this many days left
+    cert_fix: str | None = None         # what to do when the served leaf is not the expected
 
     @property
     def target(self) -> str:

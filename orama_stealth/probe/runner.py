@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orama_stealth.probe.cert_truth import check_cert_truth
 from orama_stealth.probe.https_check import check_https
 from orama_stealth.probe.model import ProbeReport, ProbeSpec
 from orama_stealth.probe.tls_check import check_tls
@@ -21,4 +22,6 @@ def run_probe(spec: ProbeSpec) -> ProbeReport:
         report.checks.append(check_stun(spec))
     if spec.turn:
         report.checks.append(check_turn(spec))
+    if spec.cert_truth:
+        report.checks.append(check_cert_truth(spec))
     return report
