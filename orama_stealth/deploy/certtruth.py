@@ -26,11 +26,7 @@ logger = logging.getLogger("orama_stealth.deploy")
 Commands = Generator[Any, None, None]
 
 
-def fix_for(name: str, t: TurnCertSettings) -> str:
-    if name != t.name:
-        return (f"the TURN server serves one certificate (Caddy's for {t.name}, turn_cert_name) "
-                f"and coturn has no per-name certificates: serve {name} with a certificate "
-                f"that covers it (tls_mode files) or drop it from the cdn names")
+def fix_for(name: str) -> str:
     return (f"on the node run `systemctl start {SERVICE}` (copies Caddy's certificate for "
             f"{name} to the TURN server and sends it SIGUSR2), check that "
             f"`systemctl is-active orama-turn-cert.path` says active, or re-run "
@@ -43,13 +39,13 @@ def cert_truth(s: NodeSettings, t: TurnCertSettings, name: str, caddy_pem: str |
     trust = ["--ca", s.ca_file] if s.ca_file else []
     args = [f"{s.probe_address}:443", "--sni", name, *trust, "--cert-truth",
             "--cert-min-days", f"{t.min_days:g}"]
-    if s.tls_mode == "acme":
+    if t.managed and name == t.name:
         if not caddy_pem:
             return Outcome(label, False, f"Caddy holds no certificate for {name} at "
                            f"{t.caddy_file(name, 'crt')} (journalctl -u caddy on the node)")
         expected = workdir / f"{name}.crt"
         expected.write_text(caddy_pem, encoding="utf-8")
-        args += ["--expect-cert", str(expected), "--cert-fix", fix_for(name, t)]
+        args += ["--expect-cert", str(expected), "--cert-fix", fix_for(name)]
     ok, detail = run_probe_cli(args)
     return Outcome(label, ok, detail)
 
@@ -70,8 +66,10 @@ def certificate_truth() -> Commands:
     failed = []
     with tempfile.TemporaryDirectory(prefix="orama-cert-truth-") as tmp:
         for name in s.cdn_hosts:
+            # Identity is checked where the deploy gives the TURN server Caddy's certificate;
+            # for every name the TLS check (chain, name) and the days left still apply.
             pem = (host.get_fact(TextFile, path=t.caddy_file(name, "crt"))
-                   if s.tls_mode == "acme" else None)
+                   if t.managed and name == t.name else None)
             o = cert_truth(s, t, name, pem, Path(tmp))
             host.log_styled(f"probe {'ok' if o.ok else 'FAILED'}: {o.probe}: {o.detail}",
                             fg="cyan" if o.ok else "red",

@@ -19,6 +19,7 @@ Rollback removes the units, the script and the copies, restores the TURN server'
 from __future__ import annotations
 
 import base64
+import logging
 import shlex
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from orama_stealth.deploy import render
 from orama_stealth.deploy.settings import HostDataLike, NodeSettings, SettingsError
 
 Commands = Generator[Any, None, None]
+logger = logging.getLogger("orama_stealth.deploy")
 
 TLS_DIR = "/etc/orama/turn-tls"
 CERT = f"{TLS_DIR}/cert.pem"
@@ -62,6 +64,7 @@ class TurnCertSettings:
     service: str  # its systemd unit
     group: str  # its group: may read the copies
     min_days: float  # certificate truth fails below this
+    managed: bool  # the deploy gives the TURN server Caddy's certificate for `name`
 
     def caddy_file(self, name: str, ext: str) -> str:
         return f"{self.storage}/{self.issuer_dir}/{name}/{name}.{ext}"
@@ -96,6 +99,10 @@ def turn_cert_settings(s: NodeSettings, data: HostDataLike) -> TurnCertSettings:
     if days < 0:
         raise SettingsError(f"host {s.host}: cert_min_days: expected a number of days >= 0, "
                             f"got {raw_days!r}")
+    from_caddy = data.get("turn_cert_from_caddy", True)
+    if not isinstance(from_caddy, bool):
+        raise SettingsError(f"host {s.host}: turn_cert_from_caddy: expected true or false, got "
+                            f"{from_caddy!r}")
     storage = text("caddy_storage", DEFAULT_STORAGE).rstrip("/")
     if not storage.startswith("/"):
         raise SettingsError(f"host {s.host}: caddy_storage: expected an absolute path on the "
@@ -107,6 +114,7 @@ def turn_cert_settings(s: NodeSettings, data: HostDataLike) -> TurnCertSettings:
         service=text("turn_service", "coturn.service"),
         group=text("turn_group", "turnserver"),
         min_days=days,
+        managed=s.tls_mode == "acme" and from_caddy,
     )
 
 
@@ -238,9 +246,15 @@ def turn_certificate() -> Commands:
     """tls_mode acme: the TURN server serves Caddy's certificate for `turn_cert_name`, and
     every renewal reaches it by SIGUSR2 (path unit + hourly timer)."""
     s, t = _settings()
-    if s.tls_mode != "acme":
-        host.noop("tls_mode files: the TURN server keeps the certificate the operator gave it")
+    if not t.managed:
+        host.noop("the TURN server keeps the certificate the operator gave it (tls_mode files "
+                  "or turn_cert_from_caddy: false)")
         return
+    others = [n for n in s.cdn_hosts if n != t.name]
+    if others and host.state.is_executing:
+        host.log_styled(f"turn certificate: coturn serves one certificate, Caddy's for {t.name}; "
+                        f"it does not cover {', '.join(others)} (see docs/cutover.md)",
+                        fg="yellow", log_func=logger.warning)
     st = _state(t)
     changed = False
     for path, (text, mode) in unit_files(t).items():
