@@ -23,6 +23,16 @@ Per-host data keys (group data below applies to every host of the group; host da
   gateway_config / gateway_url / gateway_service   optional gateway step (both or neither)
   canary_soak         seconds (or 24h) the canary must have been cut over (default 24h)
   max_concurrent_conns  router-wide connection cap (default 10000)
+  acme_ca             ACME directory URL for Caddy (global option), e.g. a staging CA for the
+                      canary; default Caddy's own CAs
+  acme_ca_root        PEM root (path on the node) Caddy trusts for acme_ca's HTTPS
+  turn_cert_name      tls_mode acme: the cdn name whose Caddy certificate the TURN server serves
+                      (default the first; coturn serves one certificate, see docs/cutover.md)
+  turn_cert_from_caddy  false: leave the TURN server's certificate alone (default true in acme)
+  cert_min_days       verify fails when a served certificate has fewer days left (default 14)
+  caddy_storage / turnserver_conf / turn_service / turn_group   where Caddy keeps certificates
+                      (/var/lib/caddy/.local/share/caddy), the TURN config (/etc/turnserver.conf),
+                      its unit (coturn.service) and group (turnserver)
   router_wheel        an orama_stealth-*.whl (on this machine) to ship instead of building one
                       from this checkout: pin the exact release across the fleet
 """
