@@ -27,6 +27,7 @@ from io import StringIO
 from typing import Any
 from urllib.parse import urlsplit
 
+from pyinfra.api.command import FunctionCommand
 from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
@@ -220,6 +221,13 @@ class TurnCertFacts(FactBase[TurnCertState]):
 # ---- operations -----------------------------------------------------------------------------
 
 
+def _fail(state: Any, host: Any, message: str) -> bool:
+    # pyinfra passes (state, host) only to callbacks whose parameters carry these names.
+    del state
+    host.log_styled(message, fg="red", log_func=logger.error)
+    return False
+
+
 def _settings() -> tuple[NodeSettings, TurnCertSettings]:
     from orama_stealth.deploy.settings import settings_from_data
 
@@ -263,8 +271,9 @@ def turn_certificate() -> Commands:
             yield from files.put._inner(src=StringIO(text), dest=path, mode=mode)
     current = st.texts.get(t.conf)
     if current is None:
-        raise SettingsError(f"host {s.host}: turnserver_conf: {t.conf} does not exist on the "
-                            "node")
+        yield FunctionCommand(_fail, (f"turn certificate: {t.conf} (turnserver_conf) does not "
+                                      "exist on the node",), {})
+        return
     new_conf = managed_conf(current)
     conf_changed = new_conf != current
     if conf_changed:
