@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,15 @@ def acme_lab(lab_nodes: Any, tmp_path: Path, release_wheel: Path) -> AcmeLab:
     return AcmeLab(node, status, path, release_wheel)
 
 
+def _changed(proc: subprocess.CompletedProcess[str]) -> int:
+    """The `Success` column of pyinfra's Grand total: operations that changed the node."""
+    for line in proc.stdout.splitlines():
+        if line.strip().startswith("Grand total"):
+            success = line.split()[3]
+            return 0 if success == "-" else int(success)
+    raise AssertionError(f"no results table in:\n{proc.stdout[-2000:]}")
+
+
 def _issuer(cert: x509.Certificate) -> str:
     return cert.issuer.rfc4514_string()
 
@@ -139,6 +149,41 @@ def _open_allocation(lab: AcmeLab) -> Allocation:
     raw = socket.create_connection((lab.address, 443), timeout=5)
     tls = ctx.wrap_socket(raw, server_hostname=lab.cdn)
     return allocate(TurnConnection(tls, f"{lab.address}:443", 5.0), cred.username, cred.password)
+
+
+class HandshakeLoop:
+    """New TLS handshakes to the stealth name through :443 every 50 ms in a thread (bounded
+    in count and time): what TURN clients connecting during a renewal live through."""
+
+    def __init__(self, lab: AcmeLab, max_count: int = 2000, max_seconds: float = 120) -> None:
+        self.lab, self.max_count, self.max_seconds = lab, max_count, max_seconds
+        self.ok = self.failed = 0
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        ctx = ssl.create_default_context(cafile=str(self.lab.status["ca_file"]))
+        t_end = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and self.ok + self.failed < self.max_count \
+                and time.monotonic() < t_end:
+            t0 = time.monotonic()
+            try:
+                with socket.create_connection((self.lab.address, 443), timeout=3) as raw, \
+                        ctx.wrap_socket(raw, server_hostname=self.lab.cdn):
+                    self.ok += 1
+            except (OSError, ssl.SSLError):
+                self.failed += 1
+            self.slowest = max(self.slowest, time.monotonic() - t0)
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> HandshakeLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def _relays(a: Allocation, b: Allocation) -> bool:
@@ -165,6 +210,8 @@ def test_acme_node_certificates_through_the_router(acme_lab: AcmeLab) -> None:
     assert cut.returncode == 0, cut.stdout[-3000:]
     assert lab.ssh("systemctl is-active orama-turn-cert.path orama-turn-cert.timer").split() \
         == ["active", "active"]
+    rerun = lab.deploy("cutover")
+    assert rerun.returncode == 0 and _changed(rerun) == 0, rerun.stdout[-3000:]
     perms = lab.ssh("stat -c '%U:%G %a' /etc/orama/turn-tls /etc/orama/turn-tls/cert.pem "
                     "/etc/orama/turn-tls/key.pem").split()
     assert perms == ["root:turnserver", "750", "root:turnserver", "640",
@@ -189,8 +236,11 @@ def test_acme_node_certificates_through_the_router(acme_lab: AcmeLab) -> None:
     for challenge in ("tls-alpn-01", "http-01"):
         since = lab.ssh("date '+%Y-%m-%d %H:%M:%S'").strip()
         old_serial = lab.served(lab.cdn).serial_number
-        seconds = lab.renew(lab.cdn, challenge)
-        print(f"renewal challenge={challenge} served_after_s={seconds:.1f}")
+        with HandshakeLoop(lab) as loop:
+            seconds = lab.renew(lab.cdn, challenge)
+        print(f"renewal challenge={challenge} served_after_s={seconds:.1f} "
+              f"handshakes={loop.ok} failed={loop.failed} slowest_s={loop.slowest:.3f}")
+        assert loop.ok > 10 and loop.failed == 0
         assert seconds <= RENEWAL_LIMIT
         assert lab.challenges_used(since) == {challenge}
         new = lab.served(lab.cdn)
