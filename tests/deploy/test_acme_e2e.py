@@ -195,6 +195,7 @@ def _relays(a: Allocation, b: Allocation) -> bool:
     return data == payload
 
 
+@pytest.mark.timeout(900)  # one node through cutover, two renewals, verify twice, rollback
 def test_acme_node_certificates_through_the_router(acme_lab: AcmeLab) -> None:
     lab = acme_lab
     base = str(lab.status["base_domain"])
