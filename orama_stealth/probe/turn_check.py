@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from orama_stealth.probe.mapped import mapped_problem
 from orama_stealth.probe.model import (
     CheckResult,
     NotTurnServer,
@@ -60,6 +61,7 @@ def check_stun(spec: ProbeSpec) -> CheckResult:
     details: dict[str, Any] = {}
     try:
         with _connection(spec, "connect") as conn:
+            local_ip = conn.sock.getsockname()[0]
             resp = binding(conn)
     except ProbeFailure as e:
         return _failed("stun", e, details)
@@ -68,6 +70,9 @@ def check_stun(spec: ProbeSpec) -> CheckResult:
     mapped = resp.xor_address(stun.XOR_MAPPED_ADDRESS)
     details.update(mapped=_fmt(mapped), software=resp.text(stun.SOFTWARE),
                    fingerprint=resp.check_fingerprint())
+    problem = mapped_problem(mapped, local_ip)
+    if problem:
+        return _failed("stun", ProbeFailure("mapped-address", problem), details)
     return CheckResult("stun", True, f"Binding ok, mapped address {_fmt(mapped)}", None, None,
                        details)
 
@@ -155,6 +160,11 @@ def check_turn(spec: ProbeSpec) -> CheckResult:
             a = allocate(conn, user, password)
             details.update(realm=a.realm, relayed=_fmt(a.relayed), mapped=_fmt(a.mapped),
                            lifetime=a.lifetime)
+            problem = mapped_problem(a.mapped, local_ip)
+            if problem:
+                # Released first: the failure must not leave an allocation behind.
+                _release(a, details, "refresh_lifetime")
+                raise ProbeFailure("mapped-address", problem)
             if spec.peer_mode == "allocation":
                 _via_second_allocation(spec, a, user, password, details)
             else:
