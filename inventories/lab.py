@@ -50,7 +50,8 @@ _data = {
     "probe_address": _lab["address"],
     "base_domain": _lab["base_domain"],
     "cdn_hosts": list(_lab.get("cdn_hosts") or []),
-    "turn_tls_addr": f"127.0.0.1:{_lab.get('turn_tls_port', 5349)}",
+    # auto: the deploy finds the non-loopback address where coturn's TLS listener answers.
+    "turn_tls_addr": f"auto:{_lab.get('turn_tls_port', 5349)}",
     "ca_file": _lab.get("ca_file"),
     "turn_secret_file": _lab.get("turn_secret_file"),
     # Without --acme, Caddy uses the site certificate the lab wrote (it covers *.base).

@@ -11,7 +11,10 @@ Per-host data keys (group data below applies to every host of the group; host da
   cdn_hosts           stealth names routed to the TURN server; default ["cdn.<base_domain>"]
   namespaces          tenant namespaces; each adds the derived stealth name
                       cdn-<12 hex of sha256(namespace)>.<base_domain>
-  turn_tls_addr       the TURN server's TLS listener on the node (default 127.0.0.1:5349)
+  turn_tls_addr       the TURN server's TLS listener on the node: auto:PORT (default auto:5349)
+                      finds its non-loopback address on the node; an explicit host:port must
+                      not be loopback (the TURN server would see every client as 127.0.0.1
+                      and Firefox fails: preflight refuses it)
   tls_mode            "acme" (Caddy obtains the cdn certificates; point the TURN server at
                       Caddy's certificate files) or "files" (tls_cert_file/tls_key_file on node)
   proxy_protocol      false | v1 | v2: PROXY header towards Caddy; preflight refuses it unless the
@@ -40,7 +43,7 @@ Per-host data keys (group data below applies to every host of the group; host da
 _common = {
     "ssh_user": "root",
     "ssh_key": "~/.ssh/orama_deploy",
-    "turn_tls_addr": "127.0.0.1:5349",
+    "turn_tls_addr": "auto:5349",
     "tls_mode": "acme",
     "proxy_protocol": False,
     "turn_secret_file": "secrets/turn_shared_secret",

@@ -26,6 +26,7 @@ from orama_stealth.deploy.canary import CanaryRefusal, check_canary
 from orama_stealth.deploy.facts import NodeSnapshot, Snapshot, TextFile
 from orama_stealth.deploy.routercfg import RouterConfigMergeError, operator_routes, routes_yaml
 from orama_stealth.deploy.settings import NodeSettings, settings_from_data
+from orama_stealth.deploy.turn_target import TurnTlsListenersFact, answers_tls, choose, resolved
 from orama_stealth.deploy.verify import Outcome, caddy_probes, cutover_probes
 from orama_stealth.deploy.wheels import wheel_set
 from orama_stealth.router.config import ConfigError, parse_config
@@ -79,11 +80,19 @@ def _stage(text: str, name: str) -> str:
     return path
 
 
+def turn_tls_target(s: NodeSettings, strict: bool = False) -> str:
+    """The non-loopback host:port of the TURN TLS listener the router's TURN routes use."""
+    addr, problem = choose(s, host.get_fact(TurnTlsListenersFact, port=s.turn_tls_port), strict)
+    if addr is None:
+        raise RouterConfigMergeError(problem or "no TURN TLS address")
+    return addr
+
+
 def new_router_config(s: NodeSettings) -> tuple[str, str]:
     """(current text, merged text) of the node's sni-router.yaml."""
     current: str = host.get_fact(TextFile, path=layout.ROUTER_CONFIG)
     kept = operator_routes(current, layout.ROUTER_CONFIG, set(s.cdn_hosts))
-    return current, render.router_config(s, routes_yaml(kept))
+    return current, render.router_config(resolved(s, turn_tls_target(s)), routes_yaml(kept))
 
 
 def new_caddyfile(s: NodeSettings) -> tuple[str, str]:
@@ -152,6 +161,11 @@ def preflight() -> Commands:
     try:
         _, router_yaml = new_router_config(s)
         parse_config(router_yaml, layout.ROUTER_CONFIG)
+        turn = turn_tls_target(s, strict=True)
+        ok, out = _run(answers_tls(turn))
+        if out != "tls-ok":
+            problems.append(f"the TURN server's TLS listener at {turn} does not complete a TLS "
+                            f"handshake from the node: {out or 'no answer'}")
         _, caddyfile = new_caddyfile(s)
     except (ConfigError, RouterConfigMergeError) as exc:
         problems.append(f"router config: {exc}")

@@ -33,7 +33,9 @@ class NodeSettings:
     host: str
     base_domain: str
     cdn_hosts: tuple[str, ...]
-    turn_tls_addr: str  # where the router sends the stealth names (host:port on the node)
+    # where the router sends the stealth names: host:port on the node, or auto:PORT (found on
+    # the node by deploy/turn_target.py: never loopback)
+    turn_tls_addr: str
     probe_address: str  # where this machine reaches the node's :443 and :80
     caddyfile: str
     caddy_https_port: int
@@ -158,7 +160,7 @@ def settings_from_data(host: str, data: HostDataLike) -> NodeSettings:
         base_domain=base,
         cdn_hosts=tuple(cdn),
         turn_tls_addr=_addr(host, "turn_tls_addr", _str(data, host, "turn_tls_addr",
-                                                         "127.0.0.1:5349") or ""),
+                                                         "auto:5349") or ""),
         probe_address=probe,
         caddyfile=_str(data, host, "caddyfile", "/etc/caddy/Caddyfile") or "",
         caddy_https_port=_int(data, host, "caddy_https_port", 8443),

@@ -169,9 +169,10 @@ def acme_caddyfile(spec: NodeSpec, directory_url: str) -> str:
 def turnserver_conf(spec: NodeSpec, secret: str) -> str:
     """coturn with TURN REST credentials, TLS on :5349 with the cdn certificate.
 
-    It also listens on 127.0.0.1 because after the cutover the router on :443 dials the
-    TURN-TLS backend over loopback. Relays are allocated on the node address, where the
-    host (the other end of the veth) can be a peer.
+    After the cutover the router on :443 dials the TURN-TLS listener on the node address, not
+    on 127.0.0.1: the TURN server reports the address it sees as the client's mapped address,
+    and Firefox rejects a loopback one. 127.0.0.1 stays for local tools. Relays are allocated
+    on the node address, where the host (the other end of the veth) can be a peer.
     """
     if not secret or any(c.isspace() for c in secret):
         raise SpecError("TURN secret must be non-empty and contain no whitespace")

@@ -187,6 +187,10 @@ def assert_cut_over(lab: Lab) -> None:
     turn = lab.probe("--sni", f"cdn.{lab.base}", "--turn", "--turn-secret-file",
                      str(lab.status["turn_secret_file"]))
     assert turn["ok"], turn
+    # The router dials the TURN server on the node address: it never sees a loopback client.
+    assert f'addr: "{lab.address}:5349"' in lab.ssh("cat /etc/orama/sni-router.yaml")
+    mapped = next(c for c in turn["checks"] if c["name"] == "turn")["details"]["mapped"]
+    assert not mapped.startswith("127."), turn
 
 
 def assert_before_state(lab: Lab) -> None:
@@ -211,6 +215,11 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     refused = lab.deploy("cutover", "proxy_protocol=v2")
     assert refused.returncode != 0
     assert "no caddy.listeners.proxy_protocol module" in refused.stdout
+    assert lab.node.ssh("test -e /var/lib/orama-stealth/backups").returncode != 0
+    # A loopback TURN backend would hide every client behind 127.0.0.1 (Firefox fails).
+    refused = lab.deploy("cutover", "turn_tls_addr=127.0.0.1:5349")
+    assert refused.returncode != 0
+    assert "turn_tls_addr 127.0.0.1:5349 is a loopback address" in refused.stdout
     assert lab.node.ssh("test -e /var/lib/orama-stealth/backups").returncode != 0
     assert_before_state(lab)
     # The canary rule: a fleet host is refused while the canary is not cut over...
@@ -314,5 +323,29 @@ def test_failed_verify_rolls_back_and_exits_non_zero(lab: Lab, tmp_path: Path) -
     print(out[-4000:])
     assert proc.returncode != 0
     assert f"turn cdn.{lab.base} via {lab.address}:443" in out
+    assert "cutover verify failed" in out and "Caddy serves :443 again" in out
+    assert_before_state(lab)
+
+
+def test_verify_seeing_a_loopback_mapped_address_rolls_back(lab: Lab, tmp_path: Path) -> None:
+    # The deploy never writes a loopback TURN backend (preflight refuses one), so the installed
+    # config is edited by hand between install and switch, as an operator might have done.
+    resume = tmp_path / "resume"
+    proc = _run_until_paused(lab, "install", resume)
+    try:
+        config = lab.ssh("cat /etc/orama/sni-router.yaml")
+        assert f'addr: "{lab.address}:5349"' in config, config
+        lab.ssh(f"sed -i 's/addr: \"{lab.address}:5349\"/addr: \"127.0.0.1:5349\"/' "
+                "/etc/orama/sni-router.yaml")
+        resume.touch()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    print(out[-4000:])
+    assert proc.returncode != 0
+    assert f"probe FAILED: turn cdn.{lab.base} via {lab.address}:443" in out
+    assert "saw this client as 127.0.0.1" in out and "Firefox rejects" in out
     assert "cutover verify failed" in out and "Caddy serves :443 again" in out
     assert_before_state(lab)
