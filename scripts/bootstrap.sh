@@ -10,6 +10,7 @@ APT_PACKAGES=(
   systemd-container mmdebstrap iproute2 openssh-client   # the lab node
   pebble            # the lab's ACME CA (with pebble-challtestsrv for its DNS answers)
   curl openssl ca-certificates
+  chromium firefox-esr libnss3-tools nodejs   # tests/browser: real browsers, NSS certutil, node
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -27,6 +28,13 @@ for svc in coturn haproxy nginx; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   fi
 done
+
+# Debian's nodejs comes without npm; a NodeSource nodejs carries its own.
+if ! command -v npm >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
+fi
+# puppeteer-core drives Debian's browsers; it must not try to download one (none exists here).
+(cd tests/browser && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
 
