@@ -26,6 +26,7 @@ from orama_stealth.deploy.canary import CanaryRefusal, check_canary
 from orama_stealth.deploy.facts import NodeSnapshot, Snapshot, TextFile
 from orama_stealth.deploy.routercfg import RouterConfigMergeError, operator_routes, routes_yaml
 from orama_stealth.deploy.settings import NodeSettings, settings_from_data
+from orama_stealth.deploy.source_routing import backend_addr
 from orama_stealth.deploy.turn_target import TurnTlsListenersFact, answers_tls, choose, resolved
 from orama_stealth.deploy.verify import Outcome, caddy_probes, cutover_probes
 from orama_stealth.deploy.wheels import wheel_set
@@ -92,7 +93,8 @@ def new_router_config(s: NodeSettings) -> tuple[str, str]:
     """(current text, merged text) of the node's sni-router.yaml."""
     current: str = host.get_fact(TextFile, path=layout.ROUTER_CONFIG)
     kept = operator_routes(current, layout.ROUTER_CONFIG, set(s.cdn_hosts))
-    return current, render.router_config(resolved(s, turn_tls_target(s)), routes_yaml(kept))
+    turn = backend_addr(turn_tls_target(s), s.turn_source)
+    return current, render.router_config(resolved(s, turn), routes_yaml(kept))
 
 
 def new_caddyfile(s: NodeSettings) -> tuple[str, str]:
@@ -235,6 +237,23 @@ def router_config() -> Commands:
         then=f"if systemctl is-active -q {layout.ROUTER_UNIT_NAME}; then "
              f"systemctl reload {layout.ROUTER_UNIT_NAME}; fi",
     )
+
+
+@operation()
+def source_routing() -> Commands:
+    """turn_source client: the policy routing that brings the TURN server's replies to clients'
+    addresses back to the router; turn_source router: none (removed if left from before)."""
+    from orama_stealth.deploy import source_routing as sr
+
+    s = settings()
+    if s.turn_source != "client":
+        if host.get_fact(TextFile, path=sr.UNIT):
+            yield sr.remove()
+        return
+    text = sr.unit(s, turn_tls_target(s))
+    if host.get_fact(TextFile, path=sr.UNIT) == text:
+        return
+    yield sr.install(_stage(text, sr.UNIT_NAME))
 
 
 @operation()

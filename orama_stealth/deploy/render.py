@@ -54,6 +54,8 @@ def router_unit(s: NodeSettings, router_bin: str = layout.ROUTER_BIN,
         config_path=config_path,
         stop_timeout=f"{drain_timeout + 15}s",
         limit_nofile=max(65536, 2 * s.max_concurrent_conns + 1024),
+        # IP_TRANSPARENT (binding the client's address) needs CAP_NET_ADMIN.
+        extra_caps=" CAP_NET_ADMIN" if s.turn_source == "client" else "",
     )
 
 
@@ -76,6 +78,7 @@ def router_config(s: NodeSettings, operator_routes_yaml: str = "") -> str:
         caddy_http_port=s.caddy_http_port,
         proxy_protocol=s.proxy_protocol,
         turn_tls_addr=s.turn_tls_addr,
+        turn_source=s.turn_source,
         operator_routes_yaml=operator_routes_yaml.rstrip("\n"),
     )
 

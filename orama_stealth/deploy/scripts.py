@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 
-from orama_stealth.deploy import layout
+from orama_stealth.deploy import layout, source_routing
 
 UNIT = layout.ROUTER_UNIT_NAME
 SOCKETS = " ".join(layout.SOCKET_UNIT_NAMES)
@@ -120,6 +120,7 @@ def rollback(caddyfile: str, state_json: str) -> str:
         f"systemctl is-active -q {UNIT} && systemctl kill -s SIGKILL {UNIT}",
         f"systemctl stop {ALL_UNITS} 2>/dev/null",
         f"systemctl reset-failed {ALL_UNITS} 2>/dev/null",
+        source_routing.remove(),  # the real-address mode's policy routing, if any
         f"rm -f {p}",
         f"mkdir -p {layout.STATE_DIR}",
         f"printf '%s\\n' {shlex.quote(state_json)} > {layout.STATE_FILE}",

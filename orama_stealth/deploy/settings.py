@@ -54,6 +54,7 @@ class NodeSettings:
     router_wheel: str | None  # on this machine: ship this wheel instead of building one
     acme_ca: str | None = None  # Caddy's ACME directory URL (None: Caddy's default CAs)
     acme_ca_root: str | None = None  # on the node: PEM root Caddy trusts for that directory
+    turn_source: str = "router"  # "client": the TURN server sees clients' own addresses
 
     @property
     def turn_tls_port(self) -> int:
@@ -180,6 +181,7 @@ def settings_from_data(host: str, data: HostDataLike) -> NodeSettings:
         router_wheel=_str(data, host, "router_wheel"),
         acme_ca=acme_ca,
         acme_ca_root=acme_ca_root,
+        turn_source=_choice(host, "turn_source", _str(data, host, "turn_source", "router")),
     )
 
 
@@ -202,3 +204,9 @@ def _acme(data: HostDataLike, host: str) -> tuple[str | None, str | None]:
             raise _err(host, "acme_ca_root", f"expected an absolute path of a PEM file on the "
                        f"node, got {root!r}")
     return ca, root
+
+
+def _choice(host: str, key: str, value: str | None) -> str:
+    if value not in ("router", "client"):
+        raise _err(host, key, f"expected router or client, got {value!r}")
+    return value

@@ -194,7 +194,10 @@ no-tlsv1
 no-tlsv1_1
 no-multicast-peers
 no-cli
-log-file=stdout
+# syslog reaches journald at once (stdout is block-buffered); verbose logs each session's
+# remote address, which the real-address tests read.
+syslog
+verbose
 simple-log
 """
 

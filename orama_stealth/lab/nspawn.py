@@ -24,6 +24,9 @@ def boot(root: Path, machine: str, netns_path: Path, log: Path) -> subprocess.Po
         "systemd-nspawn", "--boot", "--quiet",
         f"--directory={root}", f"--machine={machine}",
         f"--network-namespace-path={netns_path}",
+        # Root on a real node may change routing (the router's real-address mode needs policy
+        # routing); nspawn drops CAP_NET_ADMIN unless asked.
+        "--capability=CAP_NET_ADMIN",
         "--register=no", "--keep-unit", "--link-journal=no", "--console=passive",
     ]
     with open(log, "ab") as out:

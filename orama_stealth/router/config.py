@@ -40,6 +40,7 @@ class Backend:
     host: str
     port: int
     proxy_protocol: str | None = None
+    source: str = "router"  # "client": dial from the client's address (router/transparent.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,7 @@ TOP_KEYS = (
     "routes",
     "listeners",
 )
-BACKEND_KEYS = ("name", "addr", "proxy_protocol")
+BACKEND_KEYS = ("name", "addr", "proxy_protocol", "source")
 ROUTE_KEYS = ("match", "backend")
 LISTENER_KEYS = ("name", "listen", "mode", "backend")
 
@@ -370,7 +371,10 @@ class _Schema:
             value = d.scalar(pnode, f"{key}.proxy_protocol")
             if value is not None and value is not False and value != "none":
                 proxy = d.choice(pnode, f"{key}.proxy_protocol", PROXY_VERSIONS)
-        backend = Backend(name, addr, hostport[0], hostport[1], proxy)
+        source = "router"
+        if "source" in fields:
+            source = d.choice(fields["source"][1], f"{key}.source", ("router", "client"))
+        backend = Backend(name, addr, hostport[0], hostport[1], proxy, source)
         seen = self.backends.get(name)
         if seen is not None and seen[0] != backend:
             raise d.fail(

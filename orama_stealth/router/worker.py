@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from orama_stealth.router import transparent
 from orama_stealth.router.admission import REFUSED_GLOBAL, Admission, address_key
 from orama_stealth.router.config import Backend, Listener, RouterConfig
 from orama_stealth.router.evloop import Loop, Timer
@@ -254,6 +255,12 @@ class Conn:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bsock = s
         self.bfd = s.fileno()
+        if backend.source == "client":
+            try:
+                transparent.bind_client_source(s, family, self.ip)
+            except OSError as e:
+                self._dial_failed(f"source client {self.ip}: {e} (needs CAP_NET_ADMIN)")
+                return
         err = s.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
             self._connect_error(err)

@@ -349,3 +349,22 @@ def test_verify_seeing_a_loopback_mapped_address_rolls_back(lab: Lab, tmp_path: 
     assert "saw this client as 127.0.0.1" in out and "Firefox rejects" in out
     assert "cutover verify failed" in out and "Caddy serves :443 again" in out
     assert_before_state(lab)
+
+
+def test_real_address_mode_the_turn_server_sees_the_client(lab: Lab) -> None:
+    done = lab.deploy("cutover", "turn_source=client")
+    assert done.returncode == 0
+    assert "source: client" in lab.ssh("cat /etc/orama/sni-router.yaml")
+    assert "lookup 4052" in lab.ssh("ip rule show priority 4052")
+    turn = lab.probe("--sni", f"cdn.{lab.base}", "--turn", "--turn-secret-file",
+                     str(lab.status["turn_secret_file"]))
+    assert turn["ok"], turn
+    mapped = next(c for c in turn["checks"] if c["name"] == "turn")["details"]["mapped"]
+    # The probe runs on the host: its own address on the lab link, with its own port.
+    assert mapped.startswith(f"{lab.status['host_address']}:"), turn
+    log = lab.ssh("journalctl -u coturn --no-pager")
+    assert f"remote {mapped}" in log, log[-2000:]
+    back = lab.deploy("rollback")
+    assert back.returncode == 0
+    assert "4052" not in lab.ssh("ip rule show")
+    assert_before_state(lab)
