@@ -157,6 +157,7 @@ def check_turn(spec: ProbeSpec) -> CheckResult:
     try:
         with _connection(spec, "connect") as conn:
             local_ip = conn.sock.getsockname()[0]
+            details["local"] = _fmt(conn.sock.getsockname()[:2])
             a = allocate(conn, user, password)
             details.update(realm=a.realm, relayed=_fmt(a.relayed), mapped=_fmt(a.mapped),
                            lifetime=a.lifetime)

@@ -12,6 +12,7 @@ route in a table of its own), which the deploy installs (orama_stealth/deploy/tr
 from __future__ import annotations
 
 import _socket
+import errno
 import socket
 
 # Linux values; the socket module has IP_TRANSPARENT from Python 3.11 on some builds only.
@@ -24,12 +25,22 @@ def _plain_ipv4(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") else ip
 
 
-def bind_client_source(sock: _socket.socket, family: int, client_ip: str) -> None:
-    """Before connect(2): bind `sock` to the client's address (any port, so a client's own
-    reconnect from the same port never collides with a connection still closing)."""
+def bind_client_source(sock: _socket.socket, family: int, client_ip: str,
+                       client_port: int) -> None:
+    """Before connect(2): bind `sock` to the client's address and port, so the backend sees
+    exactly the client's transport address. When that pair is still taken towards the backend
+    (the client reused its port while our old connection is closing) any port will do: the
+    address is what logs and limits key on."""
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        sock.bind((client_ip, 0))
+        ip = client_ip
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-        sock.bind((_plain_ipv4(client_ip), 0))
+        ip = _plain_ipv4(client_ip)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ip, client_port))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        sock.bind((ip, 0))

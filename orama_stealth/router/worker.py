@@ -257,7 +257,7 @@ class Conn:
         self.bfd = s.fileno()
         if backend.source == "client":
             try:
-                transparent.bind_client_source(s, family, self.ip)
+                transparent.bind_client_source(s, family, self.ip, self.port)
             except OSError as e:
                 self._dial_failed(f"source client {self.ip}: {e} (needs CAP_NET_ADMIN)")
                 return

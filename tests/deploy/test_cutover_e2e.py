@@ -359,8 +359,10 @@ def test_real_address_mode_the_turn_server_sees_the_client(lab: Lab) -> None:
     turn = lab.probe("--sni", f"cdn.{lab.base}", "--turn", "--turn-secret-file",
                      str(lab.status["turn_secret_file"]))
     assert turn["ok"], turn
-    mapped = next(c for c in turn["checks"] if c["name"] == "turn")["details"]["mapped"]
-    # The probe runs on the host: its own address on the lab link, with its own port.
+    details = next(c for c in turn["checks"] if c["name"] == "turn")["details"]
+    mapped = details["mapped"]
+    # The probe runs on the host: the TURN server saw its own address and port.
+    assert mapped == details["local"], turn
     assert mapped.startswith(f"{lab.status['host_address']}:"), turn
     log = lab.ssh("journalctl -u coturn --no-pager")
     assert f"remote {mapped}" in log, log[-2000:]

@@ -224,3 +224,16 @@ def test_durations(text: object, seconds: float) -> None:
 @pytest.mark.parametrize("text", ["", "5", "s", "5 s", "5x", "1m 30s", True, None, "-5s"])
 def test_bad_durations(text: object) -> None:
     assert parse_duration(text) is None
+
+
+def test_backend_source_client_and_its_errors() -> None:
+    cfg = parse_config('fallback: {name: caddy, addr: "127.0.0.1:8443"}\n'
+                       'routes:\n'
+                       '  - {match: cdn.a.test, backend: {name: turn, addr: "10.0.0.2:5350",'
+                       ' source: client}}\n')
+    assert cfg.routes[0].backend.source == "client"
+    assert cfg.fallback.source == "router"
+    with pytest.raises(ConfigError) as info:
+        parse_config('fallback: {name: caddy, addr: "127.0.0.1:8443", source: clientip}\n',
+                     "r.yaml")
+    assert "fallback.source" in str(info.value) and "router, client" in str(info.value)
