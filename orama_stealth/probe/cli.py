@@ -59,6 +59,12 @@ def register(sub: Any) -> None:
                    help="--cert-truth fails with fewer than N days left (default 14)")
     p.add_argument("--cert-fix", metavar="TEXT", help="the fix to print when it is not")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--compare", action="store_true",
+                   help="what a censor sees: TLS, ALPN, certificate and HTTP answer of --base "
+                   "and each --cdn name side by side (the other checks are not run)")
+    p.add_argument("--base", metavar="NAME", help="the base name (Caddy) for --compare")
+    p.add_argument("--cdn", action="append", default=[], metavar="NAME",
+                   help="a stealth name for --compare (repeatable)")
     p.set_defaults(handler=probe_command)
 
     c = sub.add_parser(
@@ -112,7 +118,26 @@ def spec_from_args(args: argparse.Namespace) -> ProbeSpec:
     )
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    from orama_stealth.probe import compare
+
+    try:
+        host, port = parse_target(args.target)
+    except ProbeInputError as e:
+        return _usage_error(str(e))
+    if not args.base or not args.cdn:
+        return _usage_error("--compare needs --base NAME and at least one --cdn NAME")
+    rows = compare.compare(host, port, args.base, args.cdn, args.ca, args.timeout)
+    if args.json:
+        print(json.dumps({"rows": rows, "differences": compare.differences(rows)}, indent=2))
+    else:
+        print(compare.to_table(rows))
+    return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
+
+
 def probe_command(args: argparse.Namespace) -> int:
+    if args.compare:
+        return compare_command(args)
     try:
         report = run_probe(spec_from_args(args))
     except (ProbeInputError, turn_auth.CredentialError) as e:
