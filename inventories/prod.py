@@ -15,6 +15,9 @@ Per-host data keys (group data below applies to every host of the group; host da
                       finds its non-loopback address on the node; an explicit host:port must
                       not be loopback (the TURN server would see every client as 127.0.0.1
                       and Firefox fails: preflight refuses it)
+  turn_source         router (default: the TURN server sees the node's address) | client
+                      (it sees each client's own address: IP_TRANSPARENT + policy routing;
+                      docs/cutover.md "Which address the TURN server sees")
   tls_mode            "acme" (Caddy obtains the cdn certificates; point the TURN server at
                       Caddy's certificate files) or "files" (tls_cert_file/tls_key_file on node)
   proxy_protocol      false | v1 | v2: PROXY header towards Caddy; preflight refuses it unless the

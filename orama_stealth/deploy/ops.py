@@ -164,10 +164,12 @@ def preflight() -> Commands:
         _, router_yaml = new_router_config(s)
         parse_config(router_yaml, layout.ROUTER_CONFIG)
         turn = turn_tls_target(s, strict=True)
-        ok, out = _run(answers_tls(turn))
-        if out != "tls-ok":
-            problems.append(f"the TURN server's TLS listener at {turn} does not complete a TLS "
-                            f"handshake from the node: {out or 'no answer'}")
+        # The real-address mode dials the alternate TLS port (deploy/source_routing.py).
+        for addr in dict.fromkeys([turn, backend_addr(turn, s.turn_source)]):
+            ok, out = _run(answers_tls(addr))
+            if out != "tls-ok":
+                problems.append(f"the TURN server's TLS listener at {addr} does not complete a "
+                                f"TLS handshake from the node: {out or 'no answer'}")
         _, caddyfile = new_caddyfile(s)
     except (ConfigError, RouterConfigMergeError) as exc:
         problems.append(f"router config: {exc}")

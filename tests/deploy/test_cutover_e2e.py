@@ -193,6 +193,29 @@ def assert_cut_over(lab: Lab) -> None:
     assert not mapped.startswith("127."), turn
 
 
+def assert_compare_report(lab: Lab) -> None:
+    """`probe --compare` through :443: what tells the cdn names apart from the base name."""
+    cdns = [str(c) for c in lab.status["cdn_hosts"]]
+    argv = [sys.executable, "-m", "orama_stealth.stealth_cli", "probe", f"{lab.address}:443",
+            "--ca", str(lab.status["ca_file"]), "--compare", "--base", lab.base]
+    for cdn in cdns:
+        argv += ["--cdn", cdn]
+    table = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    print(f"COMPARE\n{table}")
+    report = json.loads(subprocess.run([*argv, "--json"], capture_output=True, text=True,
+                                       timeout=60, check=True).stdout)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == [lab.base, *cdns]
+    assert rows[lab.base]["tls version"] == "TLSv1.3"
+    assert rows[lab.base]["http request over tls"].startswith("HTTP/1.1 200"), rows
+    for cdn in cdns:
+        assert "error" not in rows[cdn], rows[cdn]
+        assert cdn in rows[cdn]["leaf names"], rows[cdn]
+        # The TURN server never answers HTTP: an active prober can tell it apart.
+        assert not rows[cdn]["http request over tls"].startswith("HTTP/"), rows[cdn]
+    assert "http request over tls" in report["differences"]
+
+
 def assert_before_state(lab: Lab) -> None:
     ports = lab.listeners()
     assert "caddy" in ports.get(443, set()) and "caddy" in ports.get(80, set()), ports
@@ -234,6 +257,7 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     print(f"FIGURES cutover: {total} HTTPS requests through :443, {failed} failed, "
           f"longest refusal window {window:.3f}s, slowest request {loop.slowest:.3f}s")
     assert_cut_over(lab)
+    assert_compare_report(lab)
     state = json.loads(lab.ssh("cat /var/lib/orama-stealth/state.json"))
     assert state["state"] == "cutover"
 
