@@ -22,8 +22,9 @@ ops.pause_point("backup", name="pause after backup (only with --data pause_after
 # 3. Install the router from uploaded wheels into /opt/orama, its unit and its config.
 ops.install_router(name="3a. install orama-sni-router into /opt/orama from uploaded wheels")
 ops.router_unit(name="3b. router systemd unit")
-ops.router_config(name="3c. sni-router.yaml (operator routes kept)")
-ops.source_routing(name="3d. policy routing for turn_source client (none otherwise)")
+# The policy routing comes before a config that dials from client addresses needs it.
+ops.source_routing(name="3c. policy routing for turn_source client (none otherwise)")
+ops.router_config(name="3d. sni-router.yaml (operator routes kept)")
 ops.pause_point("install", name="pause after install (only with --data pause_after=install)")
 
 # 4. Caddy's new config and drop-in, then the switch: stop Caddy, start router, start Caddy.

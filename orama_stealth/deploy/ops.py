@@ -218,11 +218,16 @@ def install_router() -> Commands:
 def router_unit() -> Commands:
     """The hardened systemd unit of the router and the socket units holding :443/:80."""
     s = settings()
-    yield from files.put._inner(src=StringIO(render.router_unit(s)), dest=layout.ROUTER_UNIT,
-                                mode="644")
+    unit = render.router_unit(s)
+    changed = host.get_fact(TextFile, path=layout.ROUTER_UNIT) != unit
+    yield from files.put._inner(src=StringIO(unit), dest=layout.ROUTER_UNIT, mode="644")
     for fd_name, path in zip(layout.SOCKETS, layout.SOCKET_UNITS, strict=True):
         yield from files.put._inner(src=StringIO(render.router_socket(fd_name)), dest=path,
                                     mode="644")
+    if changed and _snapshot(s).router_active:
+        # Capabilities (turn_source client adds CAP_NET_ADMIN) reach only a new process; the
+        # socket units keep :443/:80 queueing meanwhile.
+        yield (f"systemctl daemon-reload && systemctl restart {layout.ROUTER_UNIT_NAME}")
 
 
 @operation()

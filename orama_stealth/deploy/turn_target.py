@@ -112,7 +112,7 @@ def choose(s: NodeSettings, found: TurnTlsListeners,
         return None, f"the TURN server's TLS port {port} is not listening (turn_tls_addr auto)"
     addrs = usable_addresses(found)
     if not addrs:
-        where = ", ".join(found.listen)
+        where = ", ".join(dict.fromkeys(found.listen))
         return None, (f"the TURN server's TLS port {port} listens on loopback only ({where}): "
                       "through the router every client would be 127.0.0.1 to it and Firefox "
                       f"fails; {FIX}")

@@ -5,6 +5,8 @@ Two relay-only RTCPeerConnections per browser whose only ICE server is
 channel carries 1 MiB each way. Every cdn name must connect over a relay candidate on TLS; the
 base name (Caddy) must not. Test of the test: with the router's TURN backend on 127.0.0.1 the
 TURN server sees every client as loopback, and Firefox fails while Chromium still connects.
+Last, in the real-address mode (turn_source client) Firefox connects and the TURN server logs
+the browser's own address for its sessions.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow,
               pytest.mark.skipif(_missing is not None, reason=_missing or "")]
 
 
-def cutover(status_file: Path) -> None:
+def cutover(status_file: Path, *data: str) -> None:
+    extra = [arg for d in data for arg in ("--data", d)]
     proc = subprocess.run(
-        [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py", "deploys/cutover.py"],
+        [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py", "deploys/cutover.py",
+         *extra],
         cwd=REPO, env={**os.environ, "ORAMA_LAB_STATUS": str(status_file)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -98,4 +102,17 @@ def test_chromium_and_firefox_relay_through_443(lab_node: Any, tmp_path: Path) -
                                st["address"], names, host_page,
                                [scenario(cdns[0], cred, 15000)])
         assert_relayed_over_tls(chrome)
+
+        # The real-address mode: the TURN server sees the browser's own address.
+        cutover(status_file, "turn_source=client")
+        since = lab_node.ssh("date +%s", check=True).stdout.strip()
+        firefox, = browsers.run("firefox", tmp_path / "firefox-client", st["ca_file"],
+                                st["address"], names, urls["firefox"],
+                                [scenario(cdns[0], cred, 15000)])
+        assert_relayed_over_tls(firefox)
+        log = lab_node.ssh(f"journalctl -u coturn --no-pager --since @{since}",
+                           check=True).stdout
+        remotes = {line.split("remote ", 1)[1].split(",")[0].rsplit(":", 1)[0]
+                   for line in log.splitlines() if "remote " in line}
+        assert remotes == {st["host_address"]}, log[-2000:]
     print("FIGURES browsers: " + "; ".join(figures))

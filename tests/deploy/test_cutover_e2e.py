@@ -243,6 +243,15 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     refused = lab.deploy("cutover", "turn_tls_addr=127.0.0.1:5349")
     assert refused.returncode != 0
     assert "turn_tls_addr 127.0.0.1:5349 is a loopback address" in refused.stdout
+    # ...and so does a TURN server whose TLS listener is on loopback only.
+    conf = "/etc/turnserver.conf"
+    lab.ssh(f"cp {conf} {conf}.orig && sed -i '/^listening-ip={lab.address}$/d' {conf} && "
+            "systemctl restart coturn")
+    refused = lab.deploy("cutover")
+    lab.ssh(f"mv {conf}.orig {conf} && systemctl restart coturn")
+    assert refused.returncode != 0
+    assert "TLS port 5349 listens on loopback only (127.0.0.1)" in refused.stdout
+    assert "listening-ip=<node address>" in refused.stdout
     assert lab.node.ssh("test -e /var/lib/orama-stealth/backups").returncode != 0
     assert_before_state(lab)
     # The canary rule: a fleet host is refused while the canary is not cut over...

@@ -278,3 +278,30 @@ def test_operator_site_for_a_cdn_name_is_not_duplicated(tmp_path: Path) -> None:
              for m in r.get("match", []) for h in m.get("host", [])]
     assert sorted(hosts) == ["cdn.example.test", "cdn2.example.test", "example.test"]
     assert text.count("cdn2.example.test {") == 1 and text.count("cdn.example.test {") == 1
+
+
+def test_turn_source_client_renders_the_unit_config_and_policy_routing(
+    tmp_path: Path, certs: tuple[str, str]
+) -> None:
+    from orama_stealth.deploy import source_routing
+    from orama_stealth.deploy.turn_target import resolved
+
+    s = _settings(certs, turn_source="client")
+    assert "CAP_NET_ADMIN" in render.router_unit(s)
+    assert "CAP_NET_ADMIN" not in render.router_unit(_settings(certs))
+    turn = source_routing.backend_addr("10.0.0.2:5349", s.turn_source)
+    assert turn == "10.0.0.2:5350"
+    cfg = parse_config(render.router_config(resolved(s, turn)))
+    backends = {r.backend.addr: r.backend.source for r in cfg.routes}
+    assert backends == {"10.0.0.2:5350": "client"}
+    unit = source_routing.unit(s, "10.0.0.2:5349")
+    assert ("ip rule add priority 4052 from 10.0.0.2 ipproto tcp sport 5350 lookup 4052"
+            in unit)
+    assert "ip route replace local default dev lo table 4052" in unit
+    assert "ExecStop=-/usr/sbin/ip rule del priority 4052" in unit
+    if shutil.which("systemd-analyze"):
+        (tmp_path / source_routing.UNIT_NAME).write_text(unit)
+        checked = _verify_units(tmp_path, source_routing.UNIT_NAME)
+        assert checked.returncode == 0, checked.stderr
+    with pytest.raises(SettingsError, match="turn_source: expected router or client"):
+        _settings(certs, turn_source="clientip")

@@ -83,3 +83,8 @@ def test_after_preflight_a_vanished_listener_still_gets_the_node_address() -> No
     lines = ("addr=10.0.0.9/24", "addr=203.0.113.7/24")
     assert choose(s, found(*lines), strict=False) == ("203.0.113.7:5349", None)
     assert choose(s, found(*lines))[0] is None
+
+
+def test_the_refusal_names_each_listening_address_once() -> None:
+    _, problem = choose(settings(), found("listen=127.0.0.1:5349", "listen=127.0.0.1:5349"))
+    assert "loopback only (127.0.0.1):" in (problem or "")
