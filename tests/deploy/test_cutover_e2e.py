@@ -27,6 +27,9 @@ OPERATOR_ROUTE = ('  - match: "shop.example.net"\n'
                   '    backend: {name: shop, addr: "127.0.0.1:9000"}\n')
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
+# coturn opens its listeners a moment after `systemctl restart` returns.
+TURN_TLS_LISTENING = ("for i in $(seq 1 100); do ss -ltnH 'sport = :5349' | grep -q . && "
+                      "break; sleep 0.1; done")
 
 
 @dataclass
@@ -243,12 +246,13 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     refused = lab.deploy("cutover", "turn_tls_addr=127.0.0.1:5349")
     assert refused.returncode != 0
     assert "turn_tls_addr 127.0.0.1:5349 is a loopback address" in refused.stdout
-    # ...and so does a TURN server whose TLS listener is on loopback only.
+    # ...and so does a TURN server whose TLS listener is on loopback only (cp -p: coturn's
+    # user reads the file by its group).
     conf = "/etc/turnserver.conf"
-    lab.ssh(f"cp {conf} {conf}.orig && sed -i '/^listening-ip={lab.address}$/d' {conf} && "
-            "systemctl restart coturn")
+    lab.ssh(f"cp -p {conf} {conf}.orig && sed -i '/^listening-ip={lab.address}$/d' {conf} && "
+            f"systemctl restart coturn && {TURN_TLS_LISTENING}")
     refused = lab.deploy("cutover")
-    lab.ssh(f"mv {conf}.orig {conf} && systemctl restart coturn")
+    lab.ssh(f"mv {conf}.orig {conf} && systemctl restart coturn && {TURN_TLS_LISTENING}")
     assert refused.returncode != 0
     assert "TLS port 5349 listens on loopback only (127.0.0.1)" in refused.stdout
     assert "listening-ip=<node address>" in refused.stdout
