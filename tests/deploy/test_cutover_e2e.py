@@ -403,6 +403,8 @@ def test_real_address_mode_the_turn_server_sees_the_client(lab: Lab) -> None:
     assert mapped.startswith(f"{lab.status['host_address']}:"), turn
     log = lab.ssh("journalctl -u coturn --no-pager")
     assert f"remote {mapped}" in log, log[-2000:]
+    again = lab.deploy("cutover", "turn_source=client")
+    assert again.returncode == 0 and changed(again) == 0
     back = lab.deploy("rollback")
     assert back.returncode == 0
     assert "4052" not in lab.ssh("ip rule show")
