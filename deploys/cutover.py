@@ -1,11 +1,13 @@
-"""Cut a node over: the SNI router takes :443/:80, Caddy moves behind it to :8443/:8080.
+"""Cut nodes over: the SNI router takes :443/:80, Caddy moves behind it to :8443/:8080.
 
     pyinfra -y inventories/prod.py deploys/cutover.py --limit canary
     pyinfra -y inventories/prod.py deploys/cutover.py --limit fleet   # after the canary soaked
 
-Every step is idempotent; a re-run changes nothing. A failed verify rolls the node back in the
-same run and exits non-zero. `--data pause_after=<step>` stops after a step (for testing an
-interrupted cutover). See docs/cutover.md.
+Every node runs these steps at once; a node that fails a step stops there alone (a failed
+verify rolls it back in the same run) and the others go on. Every step is idempotent: a re-run
+changes nothing. After pyinfra's output one line per node says how it ended; the run exits
+non-zero if any node did not end cut over. Waves: add `--fail-percent N` to stop the run when
+more than N% of its nodes failed. See docs/cutover.md.
 """
 
 from orama_stealth.deploy import certtruth, ops, turncert
@@ -13,11 +15,9 @@ from orama_stealth.deploy import certtruth, ops, turncert
 # 1. Preflight: fail before any change (Caddy on :443, TURN TLS up, ports 8443/8080 free,
 #    canary soaked, new Caddyfile and router config accepted by caddy and orama-sni-router).
 ops.preflight(name="1. preflight")
-ops.pause_point("preflight", name="pause after preflight (only with --data pause_after=preflight)")
 
 # 2. Back up everything the cutover changes, once, to /var/lib/orama-stealth/backups/<ts>/.
 ops.backup(name="2. backup Caddyfile, drop-in, router config and unit")
-ops.pause_point("backup", name="pause after backup (only with --data pause_after=backup)")
 
 # 3. Install the router from uploaded wheels into /opt/orama, its unit and its config.
 ops.install_router(name="3a. install orama-sni-router into /opt/orama from uploaded wheels")
@@ -25,20 +25,20 @@ ops.router_unit(name="3b. router systemd unit")
 # The policy routing comes before a config that dials from client addresses needs it.
 ops.source_routing(name="3c. policy routing for turn_source client (none otherwise)")
 ops.router_config(name="3d. sni-router.yaml (operator routes kept)")
-ops.pause_point("install", name="pause after install (only with --data pause_after=install)")
 
 # 4. Caddy's new config and drop-in, then the switch: stop Caddy, start router, start Caddy.
 ops.caddy_config(name="4a. Caddyfile managed blocks and caddy.service drop-in")
 ops.switch(name="4b. switch :443/:80 from Caddy to the router")
-ops.pause_point("switch", name="pause after switch (only with --data pause_after=switch)")
 
-# 5. Verify with real probes through :443 and :80; on failure roll back and fail the run.
+# 5. Verify with real probes through :443 and :80; on failure roll back and fail this node.
 ops.verify_or_rollback(name="5. verify through :443 (rolls back on failure)")
 ops.record_state(name="5b. record cutover state")
 # tls_mode acme: the TURN server serves Caddy's certificate; renewals reach it by SIGUSR2.
 turncert.turn_certificate(name="5c. TURN server takes Caddy's certificate for the stealth name")
 certtruth.certificate_truth(name="5d. served certificate is Caddy's current one, not expiring")
-ops.pause_point("verify", name="pause after verify (only with --data pause_after=verify)")
+# tls_mode acme: the TURN server serves Caddy's certificate; renewals reach it by SIGUSR2.
+turncert.turn_certificate(name="5c. TURN server takes Caddy's certificate for the stealth name")
+certtruth.certificate_truth(name="5d. served certificate is Caddy's current one, not expiring")
 
 # 6. Optional: the gateway's stealth domain and its credentials ladder.
 ops.gateway(name="6. gateway stealth domain")

@@ -1,6 +1,7 @@
-"""Roll a node back to Caddy alone on :443/:80, from any state (half-done cutover included).
+"""Roll nodes back to Caddy alone on :443/:80, from any state (half-done cutover included).
 
     pyinfra -y inventories/prod.py deploys/rollback.py --limit <host>
+    pyinfra -y inventories/prod.py deploys/rollback.py --limit fleet    # every node at once
 
 Router stopped, disabled and its unit removed; Caddy's backed-up Caddyfile and capabilities
 restored; Caddy restarted; then probes prove Caddy serves :443 again. Running it twice is harmless.

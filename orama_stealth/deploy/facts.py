@@ -32,6 +32,9 @@ class Snapshot:
     # port -> process names listening on it (any address)
     listeners: dict[int, set[str]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    # The script's last line arrived: a read cut short by a time-out never looks like a node
+    # with nothing running.
+    complete: bool = False
 
     def owners(self, port: int) -> set[str]:
         return self.listeners.get(port, set())
@@ -74,7 +77,7 @@ caddy list-modules 2>/dev/null | grep -qx caddy.listeners.proxy_protocol \
   && echo caddy_proxy_protocol=yes
 ss -ltnpH 2>/dev/null | awk '{{print "listen=" $4 " " $6}}'
 [ -e {layout.STATE_FILE} ] && echo "state=$(tr -d '\\n' < {layout.STATE_FILE})"
-true
+echo complete=yes
 """
 
 
@@ -103,7 +106,7 @@ def parse_snapshot(lines: list[str]) -> Snapshot:
         elif key == "router_enabled":
             snap.router_enabled = value == "enabled"
         elif key in ("router_unit", "caddy_dropin", "caddyfile_managed", "caddy_needs_reload",
-                     "caddy_proxy_protocol"):
+                     "caddy_proxy_protocol", "complete"):
             setattr(snap, key, value == "yes")
         elif key in ("backup", "installed"):
             setattr(snap, key, value or None)
@@ -124,19 +127,22 @@ class NodeSnapshot(FactBase[Snapshot]):
         return parse_snapshot(output)
 
 
-class TextFile(FactBase[str]):
-    """A file's full text, or "" when it does not exist (base64 on the wire keeps it exact)."""
+class TextFile(FactBase[str | None]):
+    """A file's full text, "" when it does not exist, None when it could not be read (a
+    time-out must not look like an empty file). Base64 on the wire keeps the text exact."""
 
     @staticmethod
-    def default() -> str:
-        return ""
+    def default() -> str | None:
+        return None
 
     def command(self, path: str) -> str:
         q = shlex.quote(path)
-        return f"if [ -f {q} ]; then echo b64:$(base64 -w0 {q}); fi"
+        return f"if [ -f {q} ]; then echo b64:$(base64 -w0 {q}); else echo absent; fi"
 
-    def process(self, output: list[str]) -> str:
+    def process(self, output: list[str]) -> str | None:
         for line in output:
             if line.startswith("b64:"):
                 return base64.b64decode(line[4:]).decode("utf-8", "replace")
-        return ""
+            if line == "absent":
+                return ""
+        return None

@@ -19,7 +19,7 @@ CREDENTIALS_PATH = "/v1/webrtc/turn/credentials"
 def set_stealth_domain(s: NodeSettings) -> Iterator[str]:
     """`stealth_domain: <first cdn name>` as a top-level line of the gateway's YAML config."""
     assert s.gateway_config is not None
-    current: str = host.get_fact(TextFile, path=s.gateway_config)
+    current: str = host.get_fact(TextFile, path=s.gateway_config, _timeout=60) or ""
     wanted = f"{STEALTH_KEY}: {s.cdn_hosts[0]}"
     if wanted in current.splitlines():
         return

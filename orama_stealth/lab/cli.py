@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def _node(args: argparse.Namespace) -> LabNode:
 
 
 Handler = Callable[[argparse.Namespace], int]
+# Booting is mostly waiting (sshd, systemd); a few at once keeps a 2-core machine responsive.
+UP_PARALLEL = 4
 
 
 def _guard(fn: Handler) -> Handler:
@@ -62,23 +65,86 @@ def _guard(fn: Handler) -> Handler:
     return run
 
 
+def fleet_names(name: str, count: int) -> list[str]:
+    """One node keeps the name; N nodes are <name>-1 .. <name>-N (the first is the canary)."""
+    if count < 1:
+        raise nodeconf.SpecError(f"--count {count}: expected at least 1")
+    return [name] if count == 1 else [f"{name}-{i}" for i in range(1, count + 1)]
+
+
+def _group_file(state: Path, name: str) -> Path:
+    return state / "groups" / f"{name}.json"
+
+
+def group_members(state: Path, name: str) -> list[str]:
+    """The nodes the last `up --name NAME` booted (just NAME when it booted one)."""
+    try:
+        names = json.loads(_group_file(state, name).read_text(encoding="utf-8"))["nodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [name]
+    return [str(n) for n in names] if isinstance(names, list) and names else [name]
+
+
+def _fleet(args: argparse.Namespace, names: list[str]) -> list[LabNode]:
+    nodes = []
+    for i, member in enumerate(names):
+        one = argparse.Namespace(**vars(args))
+        one.name = member
+        if args.lab_command == "up":
+            one.index = (args.index or 0) + i
+            if len(names) > 1:
+                # Each node of a fleet has its own names, as production nodes do.
+                one.base_domain = f"{member}.{args.base_domain}"
+        nodes.append(_node(one))
+    return nodes
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    node = _node(args)
-    timings = node.up()
+    names = fleet_names(args.name, args.count)
+    nodes = _fleet(args, names)
+    with ThreadPoolExecutor(max_workers=min(len(nodes), UP_PARALLEL)) as pool:
+        futures = [pool.submit(node.up) for node in nodes]
+        errors = [e for f in futures if (e := f.exception()) is not None]
+    group = _group_file(Path(args.dir), args.name)
+    group.parent.mkdir(parents=True, exist_ok=True)
+    group.write_text(json.dumps({"nodes": names}) + "\n", encoding="utf-8")
+    if errors:
+        for node in nodes:
+            node.down(quiet=True)
+        raise errors[0]
+    timings = [f.result() for f in futures]
     if args.json:
-        print(json.dumps({**node.status(), "timings": timings}, indent=2))
+        docs = [{**n.status(), "timings": t} for n, t in zip(nodes, timings, strict=True)]
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
     else:
-        st = node.status()
-        print(f"{st['name']} is up at {st['address']} (ssh -F {st['ssh_config']} {st['name']})")
+        for node in nodes:
+            st = node.status()
+            print(f"{st['name']} is up at {st['address']} "
+                  f"(ssh -F {st['ssh_config']} {st['name']})")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    _node(args).down()
+    state = Path(args.dir)
+    names = group_members(state, args.name) if args.all else [args.name]
+    for node in _fleet(args, names):
+        node.down()
+    if args.all:
+        _group_file(state, args.name).unlink(missing_ok=True)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.all:
+        nodes = _fleet(args, group_members(Path(args.dir), args.name))
+        docs = [n.status() for n in nodes]
+        if args.json:
+            print(json.dumps(docs, indent=2))
+        else:
+            for st in docs:
+                print(f"{st['name']}: {'running' if st['running'] else 'stopped'} "
+                      f"at {st['address']} ({st['base_domain']})")
+        return 0 if all(st["running"] for st in docs) or not args.check else 3
     node = _node(args)
     st = node.status()
     if args.memory and isinstance(st["pid"], int):
@@ -178,15 +244,23 @@ def register(sub: Any) -> None:
                     help="Caddy obtains its certificates from a real ACME CA (pebble on the "
                     "host end of the link) for the base and the stealth name")
     up.add_argument("--json", action="store_true", help="print status and timings as JSON")
+    up.add_argument("--count", type=int, default=1,
+                    help="boot N nodes <name>-1..<name>-N at indexes --index..--index+N-1, "
+                    "each with base domain <node>.<base-domain> (default 1: just <name>)")
     up.set_defaults(handler=_guard(cmd_up))
 
     down = lab_sub.add_parser("down", help="stop the node; remove netns, veth, mounts, overlay")
     common(down)
+    down.add_argument("--all", action="store_true",
+                      help="every node the last `up --name NAME --count N` booted")
     down.set_defaults(handler=_guard(cmd_down))
 
     status = lab_sub.add_parser("status", help="where the node is and how to reach it")
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable (the interface)")
+    status.add_argument("--all", action="store_true",
+                        help="every node the last `up --name NAME` booted, as a list (what "
+                        "inventories/lab.py reads: the first is the canary, the rest the fleet)")
     status.add_argument("--check", action="store_true", help="exit 3 when not running")
     status.add_argument("--memory", action="store_true",
                         help="add PSS/RSS of the node's process tree (KiB)")

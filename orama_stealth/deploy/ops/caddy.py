@@ -2,38 +2,52 @@
 
 from __future__ import annotations
 
-from io import StringIO
-
 from pyinfra.api.operation import operation
-from pyinfra.operations import files
+from pyinfra.context import host
 
-from orama_stealth.deploy import layout, render, scripts
-from orama_stealth.deploy.ops.common import Commands, new_caddyfile, settings, snapshot, stage
+from orama_stealth.deploy import layout, render, runlog, scripts
+from orama_stealth.deploy.ops.common import (
+    Commands,
+    executing,
+    guarded,
+    new_caddyfile,
+    put,
+    settings,
+    sh,
+    snapshot,
+    stage,
+)
 from orama_stealth.deploy.ops.preflight import AS_CADDY
 
 
 @operation()
+@guarded
 def caddy_config() -> Commands:
     """Managed blocks in the Caddyfile (validated first) and Caddy's unit drop-in."""
     s = settings()
     current, new = new_caddyfile(s)
     if current != new:
         staged = stage(new, "Caddyfile")
-        yield scripts.install_checked(
+        yield sh(scripts.install_checked(
             staged, s.caddyfile,
             f"{AS_CADDY} caddy validate --adapter caddyfile --config {staged} >/dev/null",
             # Before the switch Caddy must keep :443; after it, a changed Caddyfile is reloaded.
             then=f"if systemctl is-active -q {layout.ROUTER_UNIT_NAME}; then "
                  "systemctl reload caddy.service; fi",
-        )
-    yield from files.put._inner(src=StringIO(render.caddy_dropin(s)), dest=layout.CADDY_DROPIN,
-                                mode="644")
+        ))
+    else:
+        host.noop(f"{s.caddyfile} has the current managed blocks")
+    yield from put(layout.CADDY_DROPIN, text=render.caddy_dropin(s))
 
 
 @operation()
+@guarded
 def switch() -> Commands:
     """daemon-reload, stop Caddy, start the router, start Caddy: one remote command."""
+    if executing():
+        runlog.pause_here("switch")
     s = settings()
     if not snapshot(s).cut_over:
-        yield scripts.SWITCH
-
+        yield sh(scripts.SWITCH)
+    else:
+        host.noop("the router already owns :443/:80 with Caddy behind it")

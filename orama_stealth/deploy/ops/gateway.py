@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pyinfra.api.operation import operation
 
-from orama_stealth.deploy.ops.common import Commands, executing, failure, say, settings
+from orama_stealth.deploy.ops.common import Commands, executing, failure, guarded, say, settings
 
 
 @operation()
+@guarded
 def gateway() -> Commands:
     """Tell the gateway the stealth domain and check its credentials list turns:<cdn>:443 last."""
     s = settings()

@@ -8,17 +8,20 @@ import json
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from orama_stealth.deploy import layout, scripts
+from orama_stealth.deploy import layout, runlog, scripts
 from orama_stealth.deploy.canary import CanaryRefusal, check_canary
 from orama_stealth.deploy.facts import Snapshot
 from orama_stealth.deploy.ops.common import (
+    EXPECTED_ERRORS,
     Commands,
     executing,
     failure,
+    guarded,
     new_caddyfile,
     new_router_config,
     run,
     settings,
+    sh,
     snapshot,
     stage,
 )
@@ -77,10 +80,22 @@ def preflight() -> Commands:
     ports free, the canary soaked, and both new configs accepted by the real tools."""
     if not executing():
         return
-    s = settings()
+    runlog.pause_here("preflight")
+    try:
+        problems = _problems(settings())
+    except EXPECTED_ERRORS as exc:
+        problems = [f"{type(exc).__name__}: {exc}"]
+    if problems:
+        runlog.verdict(runlog.REFUSED, "preflight: " + " | ".join(problems))
+        yield failure("preflight failed: " + " | ".join(problems))
+    else:
+        host.noop("preflight passed")
+
+
+def _problems(s: NodeSettings) -> list[str]:
     problems = preflight_problems(s, snapshot(s))
     try:
-        check_canary(host.state.inventory, host, s)
+        check_canary(host.state, host, s)
     except CanaryRefusal as exc:
         problems.append(str(exc))
     try:
@@ -104,14 +119,18 @@ def preflight() -> Commands:
             ok, out = run(f"{layout.ROUTER_BIN} check --config {staged} 2>&1")
             if not ok:
                 problems.append(f"new sni-router.yaml fails `orama-sni-router check`: {out}")
-    if problems:
-        yield failure("preflight failed: " + " | ".join(problems))
+    return problems
 
 
 @operation()
+@guarded
 def backup() -> Commands:
     """Copy Caddyfile, drop-in, router config and unit to backups/<ts>/ once per cutover."""
+    if executing():
+        runlog.pause_here("backup")
     s = settings()
     if snapshot(s).backup is None:
-        yield scripts.backup(s.caddyfile)
+        yield sh(scripts.backup(s.caddyfile))
+    else:
+        host.noop("the pre-cutover backup exists (backups/pre-cutover)")
 

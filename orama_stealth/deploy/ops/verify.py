@@ -6,15 +6,18 @@ import json
 import time
 
 from pyinfra.api.operation import operation
+from pyinfra.context import host
 
-from orama_stealth.deploy import layout, scripts
+from orama_stealth.deploy import layout, runlog, scripts
 from orama_stealth.deploy.ops.common import (
     Commands,
     executing,
     failure,
+    guarded,
     run,
     say,
     settings,
+    sh,
     snapshot,
 )
 from orama_stealth.deploy.settings import NodeSettings
@@ -32,7 +35,11 @@ def state_json(state: str, s: NodeSettings, since: float, build: str | None) -> 
                        "build": build}, sort_keys=True)
 
 
+ROLLBACK_TIMEOUT = 180
+
+
 @operation()
+@guarded
 def verify_or_rollback() -> Commands:
     """Probe through :443 and :80; on any failure roll the node back in this same run, prove
     Caddy serves :443 again, and fail naming the probe."""
@@ -44,32 +51,45 @@ def verify_or_rollback() -> Commands:
     if not snap.router_active:
         failed.append(Outcome(f"unit {layout.ROUTER_UNIT_NAME}", False, "not active"))
     if not failed:
+        host.noop("every probe passed")
         return
     names = ", ".join(o.probe for o in failed)
     say(f"verify failed ({names}): rolling back", error=True)
     ok, out = run(scripts.rollback(s.caddyfile, state_json("rolled-back", s, time.time(),
-                                                              snap.installed)))
+                                                           snap.installed)),
+                  timeout=ROLLBACK_TIMEOUT)
     after = report(caddy_probes(s))
     status = "Caddy serves :443 again" if ok and not after else f"ROLLBACK INCOMPLETE: {out}"
+    if ok and not after:
+        runlog.verdict(runlog.ROLLED_BACK, f"failed probe: {names}; {status}")
+    else:
+        runlog.verdict(runlog.FAILED, f"failed probe: {names}; {status}")
     yield failure(f"cutover verify failed: {names}; rolled back: {status}")
 
 
 @operation()
+@guarded
 def record_state() -> Commands:
     """state.json: cut over since when (the canary soak counts from here), with which build."""
+    if executing():
+        runlog.pause_here("verify")
     s = settings()
     snap = snapshot(s)
     st = snap.state
+    if executing():
+        runlog.verdict(runlog.CUT_OVER, f"router build {snap.installed}")
     if st.get("state") == "cutover" and st.get("cdn_hosts") == list(s.cdn_hosts) \
             and st.get("build") == snap.installed:
+        host.noop(f"{layout.STATE_FILE} records this cutover")
         return
     since = st["since"] if st.get("state") == "cutover" else time.time()
     text = state_json("cutover", s, since, snap.installed)
-    yield f"mkdir -p {layout.STATE_DIR} && printf '%s\\n' '{text}' > {layout.STATE_FILE}"
+    yield sh(f"mkdir -p {layout.STATE_DIR} && printf '%s\\n' '{text}' > {layout.STATE_FILE}")
 
 
 
 @operation()
+@guarded
 def probes_only() -> Commands:
     """Read-only: the cutover probes, for watching a canary."""
     if not executing():
@@ -80,4 +100,9 @@ def probes_only() -> Commands:
         failed.append(Outcome(f"unit {layout.ROUTER_UNIT_NAME}", False, "not active"))
         say(f"probe FAILED: unit {layout.ROUTER_UNIT_NAME}: not active", error=True)
     if failed:
-        yield failure("verify failed: " + ", ".join(o.probe for o in failed))
+        names = ", ".join(o.probe for o in failed)
+        runlog.verdict("NOT serving through the router", f"failed probe: {names}")
+        yield failure("verify failed: " + names)
+    else:
+        runlog.verdict("serving through the router", "every probe passed")
+        host.noop("every probe passed")
