@@ -1,6 +1,8 @@
-"""Read-only: probe a node through :443 and :80 the way clients do (for watching a canary).
+"""Read-only: probe nodes through :443 and :80 the way clients do (for watching a canary),
+then one line per node: router build, routes, certificate days left, cut over or not.
 
     pyinfra -y inventories/prod.py deploys/verify.py --limit canary
+    pyinfra -y inventories/prod.py deploys/verify.py                 # every node's line
 """
 
 from orama_stealth.deploy import certtruth, ops

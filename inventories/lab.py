@@ -8,6 +8,8 @@ The first node is the canary group, the others the fleet group. Environment (for
   ORAMA_LAB_NAME=NAME     the lab nodes to use (default: the lab's default name)
   ORAMA_LAB_STATUS=FILE   read this `lab status --json --all` document (a list of nodes, or one
                           node) instead of asking the lab
+  ORAMA_LAB_CANARY=0      no canary group: every node is in the fleet group (the canary rule
+                          does not apply), to time one run over every node
   ORAMA_LAB_ROLE=fleet    with one node, also list it as the fleet host `<name>-fleet`, so the
                           canary rule can be exercised with one node (run with --limit fleet)
 """
@@ -77,8 +79,12 @@ def _host(lab: dict) -> tuple:
 
 
 _hosts = [_host(lab) for lab in _status()]
-canary = _hosts[:1]
-if len(_hosts) > 1:
+if os.environ.get("ORAMA_LAB_CANARY") == "0":
+    fleet = _hosts
+elif len(_hosts) > 1:
+    canary = _hosts[:1]
     fleet = _hosts[1:]
-elif os.environ.get("ORAMA_LAB_ROLE") == "fleet":
-    fleet = [(f"{canary[0][0]}-fleet", dict(canary[0][1]))]
+else:
+    canary = _hosts
+    if os.environ.get("ORAMA_LAB_ROLE") == "fleet":
+        fleet = [(f"{_hosts[0][0]}-fleet", dict(_hosts[0][1]))]

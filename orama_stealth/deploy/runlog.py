@@ -19,7 +19,7 @@ from typing import Any
 
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
-from pyinfra.api.state import BaseStateCallback, State, StateStage
+from pyinfra.api.state import BaseStateCallback, State
 from pyinfra.context import host
 
 PAUSE_LIMIT = 600.0
@@ -82,9 +82,10 @@ class _Callbacks(BaseStateCallback):
 
     @staticmethod
     def host_disconnect(state: State, host: Host) -> None:
-        # The first disconnect comes after pyinfra's results (or its error): print once.
+        # pyinfra disconnects only at the very end, after its results or its error ("No hosts
+        # remaining!", --fail-percent): the first disconnect prints, once.
         log = _logs[state]
-        if log.printed or not log.executed or state.current_stage < StateStage.Disconnect:
+        if log.printed or not log.executed:
             return
         log.printed = True
         print(log.summary(state), file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
     from support import lab as lab_fixtures
     lab_node = lab_fixtures.lab_node      # pytest finds fixtures by module attribute
+    lab_fleet = lab_fixtures.lab_fleet    # lab_fleet(5) -> five fresh nodes
 
     @pytest.mark.lab
     def test_something(lab_node):
@@ -94,17 +95,48 @@ def lab_nodes() -> Iterator[Callable[..., LabNode]]:
     try:
         yield make
     finally:
-        errors: list[BaseException] = []
-        for node, fd in reversed(started):
-            try:
-                node.down()
-            except Exception as e:
-                errors.append(e)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        if errors:
-            raise errors[0]
+        _down_all(started)
+
+
+@pytest.fixture
+def lab_fleet() -> Iterator[Callable[[int], list[LabNode]]]:
+    """A factory: `lab_fleet(n)` boots n fresh nodes, each with its own slot and base
+    domain `<name>.lab.orama.test`; all are stopped after the test."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    started: list[tuple[LabNode, int]] = []
+
+    def make(count: int) -> list[LabNode]:
+        nodes = []
+        for _ in range(count):
+            index, fd = _claim_slot()
+            node = LabNode(f"olt{index}", index, _state_dir(),
+                           base_domain=f"olt{index}.{nodeconf.DEFAULT_BASE_DOMAIN}")
+            started.append((node, fd))
+            nodes.append(node)
+        for node in nodes:
+            node.up()  # one at a time: see orama_stealth.lab.cli.UP_PARALLEL
+        return nodes
+
+    try:
+        yield make
+    finally:
+        _down_all(started)
+
+
+def _down_all(started: list[tuple[LabNode, int]]) -> None:
+    errors: list[BaseException] = []
+    for node, fd in reversed(started):
+        try:
+            node.down()
+        except Exception as e:
+            errors.append(e)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
 from orama_stealth.deploy import layout, runlog, scripts
+from orama_stealth.deploy.facts import Snapshot
 from orama_stealth.deploy.ops.common import (
     Commands,
     executing,
     failure,
     guarded,
+    read_text,
     run,
     say,
     settings,
@@ -36,6 +39,7 @@ def state_json(state: str, s: NodeSettings, since: float, build: str | None) -> 
 
 
 ROLLBACK_TIMEOUT = 180
+CERT_DAYS = re.compile(r"expires in (-?\d+)d")
 
 
 @operation()
@@ -88,21 +92,41 @@ def record_state() -> Commands:
 
 
 
+def node_status(s: NodeSettings, snap: Snapshot, outcomes: list[Outcome]) -> str:
+    """What a node runs, for the per-node table: build, routes, certificate days left."""
+    routes = sum(1 for line in read_text(layout.ROUTER_CONFIG).splitlines()
+                 if line.lstrip().startswith("- match:"))
+    days = sorted({m.group(1) for o in outcomes if (m := CERT_DAYS.search(o.detail))})
+    since = snap.state.get("since")
+    return ", ".join([
+        f"router build {snap.installed or 'none'}",
+        f"{routes} route(s) in {layout.ROUTER_CONFIG}",
+        f"certificate days left {'/'.join(days) or 'unknown'}",
+        f"cut over since {time.strftime('%Y-%m-%d %H:%M', time.gmtime(since))} UTC"
+        if snap.cut_over and isinstance(since, int | float) else
+        ("cut over" if snap.cut_over else "not cut over"),
+    ])
+
+
 @operation()
 @guarded
 def probes_only() -> Commands:
-    """Read-only: the cutover probes, for watching a canary."""
+    """Read-only: the cutover probes, for watching a canary; the per-node line says what the
+    node runs (router build, routes, certificate days left, cut over or not)."""
     if not executing():
         return
     s = settings()
-    failed = report(cutover_probes(s))
-    if not snapshot(s).router_active:
+    outcomes = cutover_probes(s)
+    failed = report(outcomes)
+    snap = snapshot(s)
+    if not snap.router_active:
         failed.append(Outcome(f"unit {layout.ROUTER_UNIT_NAME}", False, "not active"))
         say(f"probe FAILED: unit {layout.ROUTER_UNIT_NAME}: not active", error=True)
+    status = node_status(s, snap, outcomes)
     if failed:
         names = ", ".join(o.probe for o in failed)
-        runlog.verdict("NOT serving through the router", f"failed probe: {names}")
+        runlog.verdict("NOT serving through the router", f"{status}; failed probe: {names}")
         yield failure("verify failed: " + names)
     else:
-        runlog.verdict("serving through the router", "every probe passed")
+        runlog.verdict("serving through the router", status)
         host.noop("every probe passed")
