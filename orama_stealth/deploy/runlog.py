@@ -23,6 +23,7 @@ from pyinfra.api.state import BaseStateCallback, State
 from pyinfra.context import host
 
 PAUSE_LIMIT = 600.0
+_LOADED = time.monotonic()  # imported when the deploy file loads: after connecting
 PREFIX = "orama-stealth:"
 
 CUT_OVER = "cut over"
@@ -38,8 +39,7 @@ class RunLog:
     verdicts: dict[str, tuple[str, str]] = field(default_factory=dict)
     failed_at: dict[str, str] = field(default_factory=dict)
     pauses: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-    executed: bool = False
+    started: float = field(default_factory=lambda: _LOADED)
     printed: bool = False
 
     def line(self, name: str) -> str:
@@ -54,7 +54,7 @@ class RunLog:
     def summary(self, state: Any) -> str:
         names = [h.name for h in state.inventory if state.is_host_in_limit(h)]
         wall = time.monotonic() - self.started
-        head = f"{PREFIX} {len(names)} node(s), wall time {wall:.1f}s:"
+        head = f"{PREFIX} {len(names)} node(s), {wall:.1f}s since the deploy loaded:"
         return "\n".join([head, *(self.line(n) for n in names)])
 
 
@@ -63,10 +63,6 @@ _logs: weakref.WeakKeyDictionary[Any, RunLog] = weakref.WeakKeyDictionary()
 
 class _Callbacks(BaseStateCallback):
     """pyinfra calls these for every state; each finds that state's RunLog."""
-
-    @staticmethod
-    def operation_start(state: State, op_hash: Any) -> None:
-        _logs[state].executed = True
 
     @staticmethod
     def operation_host_error(state: State, host: Host, op_hash: Any, retry_count: int = 0,
@@ -85,7 +81,7 @@ class _Callbacks(BaseStateCallback):
         # pyinfra disconnects only at the very end, after its results or its error ("No hosts
         # remaining!", --fail-percent): the first disconnect prints, once.
         log = _logs[state]
-        if log.printed or not log.executed:
+        if log.printed or not state.is_executing:  # --dry and errors before the run: no lines
             return
         log.printed = True
         print(log.summary(state), file=sys.stderr, flush=True)

@@ -123,17 +123,19 @@ def make_fleet(nodes: list[Any], tmp_path: Path, **env: str) -> Fleet:
 
 
 def test_ten_fleet_runs_in_a_row_none_hangs(lab_fleet: Any, tmp_path: Path) -> None:
-    """Four nodes, no wheel built yet: every host asks for the wheel and reads the canary at
-    the same moment in every run. Each run must end by itself, without an internal error."""
-    cache = tmp_path / "wheels"
-    fleet = make_fleet(lab_fleet(4), tmp_path, ORAMA_STEALTH_WHEEL_CACHE=str(cache))
+    """Four nodes, no wheel built yet: the fleet's hosts read the canary at the same moment in
+    every run, and all four ask for the wheel at once in the run that first installs the fleet
+    (a fresh cache from then on). Each run must end by itself, without an internal error."""
+    caches = [tmp_path / "wheels-canary", tmp_path / "wheels-fleet"]
+    fleet = make_fleet(lab_fleet(4), tmp_path)
     canary, others = fleet.names[0], fleet.names[1:]
     times = []
     for i in range(10):
         # The first run stops itself as a wave would: after preflight 3 of 4 nodes are refused
         # (the canary is not cut over yet), over --fail-percent 50, so nothing else starts.
         run = fleet.deploy("cutover", "canary_soak=0",
-                           options=("--fail-percent", "50") if i == 0 else ())
+                           options=("--fail-percent", "50") if i == 0 else (),
+                           env={"ORAMA_STEALTH_WHEEL_CACHE": str(caches[i >= 2])})
         times.append(run.seconds)
         run.assert_sound()
         lines = run.lines()
@@ -153,9 +155,11 @@ def test_ten_fleet_runs_in_a_row_none_hangs(lab_fleet: Any, tmp_path: Path) -> N
         else:
             assert run.code == 0, run.output[-3000:]
             assert all(lines[n].startswith("cut over") for n in others), lines
-    # Built once, into its own directory: no second build, no half-written leftovers.
-    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] and \
-        len(list(cache.iterdir())) == 1, list(cache.iterdir())
+    # Built once per cache, into its own directory: no second build, no half-written leftovers.
+    for cache in caches:
+        built = list(cache.iterdir())
+        assert len(built) == 1 and not built[0].name.startswith("."), built
+        assert len(list(built[0].glob("orama_stealth-*.whl"))) == 1
     for i in range(4):
         fleet.assert_turn_through_router(i)
     print(f"FIGURES ten runs, 4 nodes: {', '.join(f'{t:.1f}' for t in times)} s "

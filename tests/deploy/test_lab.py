@@ -352,3 +352,44 @@ def test_down_after_an_interrupted_up_leaves_nothing(
     assert down.returncode == 0, down.stderr
     assert _leftovers(st) == []
     assert LabNode(node.name, node.spec.index, str(st["state_dir"])).status()["running"] is False
+
+
+@pytest.mark.lab
+def test_up_count_boots_a_fleet_and_the_inventory_lists_canary_and_fleet(
+    lab_fleet: Callable[[int], list[LabNode]], tmp_path: Path
+) -> None:
+    # Borrow two slots through the fixture's locks, then boot them with the CLI.
+    borrowed = lab_fleet(2)
+    for node in borrowed:
+        node.down()
+    first, second = (n.spec.index for n in borrowed)
+    if second != first + 1:
+        pytest.skip(f"slots {first} and {second} are not consecutive (other runs hold slots)")
+    state_dir = str(borrowed[0].status()["state_dir"])
+    name = f"olt{first}g"
+    common = ["--name", name, "--dir", state_dir]
+    try:
+        up = _cli("up", *common, "--index", str(first), "--count", "2")
+        assert up.returncode == 0, up.stderr
+        status = _cli("status", "--json", "--all", *common)
+        docs = json.loads(status.stdout)
+        assert [d["name"] for d in docs] == [f"{name}-1", f"{name}-2"]
+        assert [d["index"] for d in docs] == [first, second]
+        assert [d["base_domain"] for d in docs] == [f"{name}-1.lab.orama.test",
+                                                   f"{name}-2.lab.orama.test"]
+        assert all(d["running"] for d in docs)
+        # The lab inventory: the first node is the canary, the others the fleet.
+        path = tmp_path / "status.json"
+        path.write_text(status.stdout)
+        inv = subprocess.run(
+            [sys.executable, "-c", "import json, runpy; g = runpy.run_path('inventories/lab.py');"
+             " print(json.dumps({k: [h[0] for h in g.get(k, [])] for k in ('canary', 'fleet')}))"],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+            timeout=60, env={**os.environ, "ORAMA_LAB_STATUS": str(path)})
+        assert inv.returncode == 0, inv.stderr
+        assert json.loads(inv.stdout) == {"canary": [f"{name}-1"], "fleet": [f"{name}-2"]}
+    finally:
+        down = _cli("down", "--all", *common)
+    assert down.returncode == 0, down.stderr
+    for d in docs:
+        assert _leftovers(d) == []
