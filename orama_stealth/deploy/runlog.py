@@ -3,9 +3,10 @@ ended (cut over / rolled back / refused / untouched / failed), and the test-only
 two steps. Both hang off pyinfra's state callbacks, so the deploy files list only the
 operator's steps.
 
-Operations record a node's verdict with `verdict(...)` as they decide it; a node that no
-operation judged either failed at some operation (named from pyinfra's own callback) or was
-never reached (the run stopped first, e.g. by --fail-percent).
+Operations record a node's verdict with `verdict(...)` as they go (the steps that change a node
+say how far it got, so a run stopped half-way by --fail-percent says so); a node that failed at
+a step which judged nothing itself is named with that step (from pyinfra's own callback); a
+node no step reached is untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROLLED_BACK = "rolled back"
 REFUSED = "refused, untouched"
 UNTOUCHED = "untouched"
 FAILED = "failed"
+HALF_WAY = "stopped half-way"  # the run stopped (e.g. --fail-percent) after this node changed
 CADDY = "Caddy alone on :443/:80"
 
 
@@ -43,11 +45,12 @@ class RunLog:
     printed: bool = False
 
     def line(self, name: str) -> str:
-        if name in self.verdicts:
-            outcome, detail = self.verdicts[name]
-        elif name in self.failed_at:
-            outcome, detail = FAILED, f"at {self.failed_at[name]}"
-        else:
+        outcome, detail = self.verdicts.get(name, ("", ""))
+        if name in self.failed_at and outcome in ("", UNTOUCHED, HALF_WAY):
+            # Failed at a step that judged nothing itself (time-out, lost connection, ...).
+            outcome, detail = FAILED, f"at {self.failed_at[name]}" + (
+                f"; {detail}" if detail else "")
+        elif not outcome:
             outcome, detail = UNTOUCHED, "not reached: the run stopped before this node"
         return f"{PREFIX} {name}: {outcome}" + (f" ({detail})" if detail else "")
 

@@ -23,12 +23,19 @@ def test_each_node_gets_one_line_saying_how_it_ended() -> None:
     log.verdicts["a"] = (runlog.CUT_OVER, "router build 1234")
     log.verdicts["b"] = (runlog.REFUSED, "preflight: the TURN server's TLS port 5349 ...")
     log.failed_at["c"] = "3a. install"
+    log.verdicts["e"] = (runlog.HALF_WAY, "switched to the router, not verified")
+    log.verdicts["f"] = (runlog.HALF_WAY, "switched to the router, not verified")
+    log.failed_at["f"] = "4b. switch"
     assert log.line("a") == "orama-stealth: a: cut over (router build 1234)"
     assert log.line("b") == ("orama-stealth: b: refused, untouched (preflight: the TURN "
                              "server's TLS port 5349 ...)")
     assert log.line("c") == "orama-stealth: c: failed (at 3a. install)"
     assert log.line("d") == ("orama-stealth: d: untouched (not reached: the run stopped before "
                              "this node)")
+    assert log.line("e") == ("orama-stealth: e: stopped half-way (switched to the router, not "
+                             "verified)")
+    assert log.line("f") == ("orama-stealth: f: failed (at 4b. switch; switched to the router, "
+                             "not verified)")
 
 
 def test_canary_state_verdicts() -> None:

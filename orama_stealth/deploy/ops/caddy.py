@@ -46,6 +46,8 @@ def switch() -> Commands:
     """daemon-reload, stop Caddy, start the router, start Caddy: one remote command."""
     if executing():
         runlog.pause_here("switch")
+        runlog.verdict(runlog.HALF_WAY, "switched to the router, not verified: run "
+                       "deploys/rollback.py or the cutover again")
     s = settings()
     if not snapshot(s).cut_over:
         yield sh(scripts.SWITCH)

@@ -29,6 +29,9 @@ INSTALL_TIMEOUT = 300
 @guarded
 def install_router() -> Commands:
     """Upload the wheels and install the router into /opt/orama when the build changed."""
+    if executing():
+        runlog.verdict(runlog.HALF_WAY, "installing the router: Caddy still serves :443; run "
+                       "deploys/rollback.py or the cutover again")
     s = settings()
     wheels = wheel_set(render.project_root(),
                        Path(s.router_wheel).expanduser() if s.router_wheel else None)

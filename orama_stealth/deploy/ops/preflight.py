@@ -89,6 +89,7 @@ def preflight() -> Commands:
         runlog.verdict(runlog.REFUSED, "preflight: " + " | ".join(problems))
         yield failure("preflight failed: " + " | ".join(problems))
     else:
+        runlog.verdict(runlog.UNTOUCHED, "preflight passed, the run stopped before any change")
         host.noop("preflight passed")
 
 
@@ -128,6 +129,8 @@ def backup() -> Commands:
     """Copy Caddyfile, drop-in, router config and unit to backups/<ts>/ once per cutover."""
     if executing():
         runlog.pause_here("backup")
+        runlog.verdict(runlog.HALF_WAY, "after the backup: nothing else changed yet; run "
+                       "deploys/rollback.py or the cutover again")
     s = settings()
     if snapshot(s).backup is None:
         yield sh(scripts.backup(s.caddyfile))
