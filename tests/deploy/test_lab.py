@@ -26,6 +26,7 @@ from orama_stealth.wire import stun, turn_auth
 
 lab_node = lab_fixtures.lab_node
 lab_nodes = lab_fixtures.lab_nodes
+lab_fleet = lab_fixtures.lab_fleet
 
 # ---- without a node -------------------------------------------------------------------------
 
