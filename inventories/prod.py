@@ -3,7 +3,12 @@
     pyinfra -y inventories/prod.py deploys/cutover.py --limit canary
     pyinfra -y inventories/prod.py deploys/verify.py --limit canary      # watch it for a day
     pyinfra -y inventories/prod.py deploys/cutover.py --limit fleet      # refused until soaked
+    pyinfra -y inventories/prod.py deploys/cutover.py --limit fleet --fail-percent 20  # a wave
     pyinfra -y inventories/prod.py deploys/rollback.py --limit node-fra-2
+    pyinfra -y inventories/prod.py deploys/verify.py                     # one line per node
+
+Each group is a list of hosts; add groups (wave1, wave2, ...) to roll out in waves with
+--limit. After pyinfra's output one line per node says how it ended (docs/cutover.md).
 
 Per-host data keys (group data below applies to every host of the group; host data wins;
 `--data key=value` wins over both):
