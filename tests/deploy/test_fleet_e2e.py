@@ -143,7 +143,7 @@ def test_fleet_runs_in_a_row_none_hangs(lab_fleet: Any, tmp_path: Path, runs: in
         # (the canary is not cut over yet), over --fail-percent 50, so nothing else starts.
         run = fleet.deploy("cutover", "canary_soak=0",
                            options=("--fail-percent", "50") if i == 0 else (),
-                           env={"ORAMA_STEALTH_WHEEL_CACHE": str(caches[i >= 2])})
+                           env={"ORAMA_STEALTH_WHEEL_CACHE": str(caches[0 if i < 2 else 1])})
         times.append(run.seconds)
         run.assert_sound()
         lines = run.lines()
