@@ -68,7 +68,8 @@ def certificate_truth() -> Commands:
         for name in s.cdn_hosts:
             # Identity is checked where the deploy gives the TURN server Caddy's certificate;
             # for every name the TLS check (chain, name) and the days left still apply.
-            pem = (host.get_fact(TextFile, path=t.caddy_file(name, "crt"))
+            # A read that failed is "" (no certificate), never None (no identity check).
+            pem = ((host.get_fact(TextFile, path=t.caddy_file(name, "crt"), _timeout=60) or "")
                    if t.managed and name == t.name else None)
             o = cert_truth(s, t, name, pem, Path(tmp))
             host.log_styled(f"probe {'ok' if o.ok else 'FAILED'}: {o.probe}: {o.detail}",

@@ -34,6 +34,9 @@ UNTOUCHED = "untouched"
 FAILED = "failed"
 HALF_WAY = "stopped half-way"  # the run stopped (e.g. --fail-percent) after this node changed
 CADDY = "Caddy alone on :443/:80"
+NOT_SERVING = "NOT serving through the router"
+# Verdicts recorded by the step that failed the node: they already say why.
+JUDGED_FAILURES = (REFUSED, ROLLED_BACK, FAILED, NOT_SERVING)
 
 
 @dataclass
@@ -46,8 +49,9 @@ class RunLog:
 
     def line(self, name: str) -> str:
         outcome, detail = self.verdicts.get(name, ("", ""))
-        if name in self.failed_at and outcome in ("", UNTOUCHED, HALF_WAY):
-            # Failed at a step that judged nothing itself (time-out, lost connection, ...).
+        if name in self.failed_at and outcome not in JUDGED_FAILURES:
+            # Failed at a step that judged nothing itself (time-out, lost connection, a later
+            # check), whatever an earlier step recorded.
             outcome, detail = FAILED, f"at {self.failed_at[name]}" + (
                 f"; {detail}" if detail else "")
         elif not outcome:

@@ -23,7 +23,6 @@ import logging
 import shlex
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from io import StringIO
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,9 +30,9 @@ from pyinfra.api.command import FunctionCommand
 from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
-from pyinfra.operations import files
 
 from orama_stealth.deploy import render
+from orama_stealth.deploy.ops.common import COMMAND_TIMEOUT, FACT_TIMEOUT, put, sh
 from orama_stealth.deploy.settings import HostDataLike, NodeSettings, SettingsError
 
 Commands = Generator[Any, None, None]
@@ -237,7 +236,8 @@ def _settings() -> tuple[NodeSettings, TurnCertSettings]:
 
 def _state(t: TurnCertSettings) -> TurnCertState:
     st: TurnCertState = host.get_fact(TurnCertFacts, conf=t.conf,
-                                      src_crt=t.caddy_file(t.name, "crt"))
+                                      src_crt=t.caddy_file(t.name, "crt"),
+                                      _timeout=FACT_TIMEOUT)
     return st
 
 
@@ -268,7 +268,7 @@ def turn_certificate() -> Commands:
     for path, (text, mode) in unit_files(t).items():
         if st.texts.get(path) != text:
             changed = True
-            yield from files.put._inner(src=StringIO(text), dest=path, mode=mode)
+            yield from put(path, text=text, mode=mode)
     current = st.texts.get(t.conf)
     if current is None:
         yield FunctionCommand(_fail, (f"turn certificate: {t.conf} (turnserver_conf) does not "
@@ -278,7 +278,7 @@ def turn_certificate() -> Commands:
     conf_changed = new_conf != current
     if conf_changed:
         staged = f"{TLS_DIR}.conf.new"
-        yield from files.put._inner(src=StringIO(new_conf), dest=staged, mode="600")
+        yield from put(staged, text=new_conf, mode="600")
     if not (changed or conf_changed or not st.path_active or st.src_sha != st.dst_sha):
         host.noop(f"the TURN server already serves Caddy's certificate for {t.name}")
         return
@@ -297,7 +297,7 @@ def turn_certificate() -> Commands:
         # cat keeps the file's owner and mode; coturn reads cert=/pkey= paths only at start.
         steps += [f"cat {TLS_DIR}.conf.new > {conf}", f"rm -f {TLS_DIR}.conf.new",
                   f"systemctl restart {t.service}", _wait_listening(t)]
-    yield " && ".join(steps)
+    yield sh(" && ".join(steps), timeout=COMMAND_TIMEOUT + CERT_WAIT)
 
 
 @operation()
@@ -314,10 +314,9 @@ def turn_certificate_rollback() -> Commands:
              f"systemctl reset-failed {SERVICE} 2>/dev/null || true"]
     if current is not None and original_conf(current) != current:
         staged = f"{TLS_DIR}.conf.orig"
-        yield from files.put._inner(src=StringIO(original_conf(current)), dest=staged,
-                                    mode="600")
+        yield from put(staged, text=original_conf(current), mode="600")
         steps += [f"cat {staged} > {shlex.quote(t.conf)}", f"rm -f {staged}",
                   f"rm -rf {TLS_DIR}", f"systemctl restart {t.service}", _wait_listening(t)]
     else:
         steps.append(f"rm -rf {TLS_DIR}")
-    yield " && ".join(steps)
+    yield sh(" && ".join(steps))

@@ -26,6 +26,8 @@ def test_each_node_gets_one_line_saying_how_it_ended() -> None:
     log.verdicts["e"] = (runlog.HALF_WAY, "switched to the router, not verified")
     log.verdicts["f"] = (runlog.HALF_WAY, "switched to the router, not verified")
     log.failed_at["f"] = "4b. switch"
+    log.verdicts["g"] = (runlog.CUT_OVER, "router build 1234")
+    log.failed_at["g"] = "5d. served certificate"
     assert log.line("a") == "orama-stealth: a: cut over (router build 1234)"
     assert log.line("b") == ("orama-stealth: b: refused, untouched (preflight: the TURN "
                              "server's TLS port 5349 ...)")
@@ -36,6 +38,7 @@ def test_each_node_gets_one_line_saying_how_it_ended() -> None:
                              "verified)")
     assert log.line("f") == ("orama-stealth: f: failed (at 4b. switch; switched to the router, "
                              "not verified)")
+    assert log.line("g").startswith("orama-stealth: g: failed (at 5d. served certificate")
 
 
 def test_canary_state_verdicts() -> None:

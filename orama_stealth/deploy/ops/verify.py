@@ -125,7 +125,7 @@ def probes_only() -> Commands:
     status = node_status(s, snap, outcomes)
     if failed:
         names = ", ".join(o.probe for o in failed)
-        runlog.verdict("NOT serving through the router", f"{status}; failed probe: {names}")
+        runlog.verdict(runlog.NOT_SERVING, f"{status}; failed probe: {names}")
         yield failure("verify failed: " + names)
     else:
         runlog.verdict("serving through the router", status)
