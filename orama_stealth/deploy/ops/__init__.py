@@ -9,7 +9,12 @@ has not been changed yet). How each node ended is printed after pyinfra's output
 
 from orama_stealth.deploy.ops.caddy import caddy_config, switch
 from orama_stealth.deploy.ops.gateway import gateway
-from orama_stealth.deploy.ops.install import install_router, router_config, router_unit
+from orama_stealth.deploy.ops.install import (
+    install_router,
+    router_config,
+    router_unit,
+    source_routing,
+)
 from orama_stealth.deploy.ops.preflight import backup, preflight, privileged_listeners
 from orama_stealth.deploy.ops.rollback import caddy_serves_443, rollback
 from orama_stealth.deploy.ops.verify import probes_only, record_state, verify_or_rollback
@@ -17,5 +22,5 @@ from orama_stealth.deploy.ops.verify import probes_only, record_state, verify_or
 __all__ = [
     "backup", "caddy_config", "caddy_serves_443", "gateway", "install_router", "preflight",
     "privileged_listeners", "probes_only", "record_state", "rollback", "router_config",
-    "router_unit", "switch", "verify_or_rollback",
+    "router_unit", "source_routing", "switch", "verify_or_rollback",
 ]

@@ -26,6 +26,8 @@ from orama_stealth.deploy import layout, render, runlog
 from orama_stealth.deploy.facts import NodeSnapshot, Snapshot, TextFile
 from orama_stealth.deploy.routercfg import RouterConfigMergeError, operator_routes, routes_yaml
 from orama_stealth.deploy.settings import NodeSettings, SettingsError, settings_from_data
+from orama_stealth.deploy.source_routing import backend_addr
+from orama_stealth.deploy.turn_target import TurnTlsListenersFact, choose, resolved
 from orama_stealth.deploy.wheels import WheelError
 
 logger = logging.getLogger("orama_stealth.deploy")
@@ -165,11 +167,21 @@ def read_text(path: str) -> str:
     return text
 
 
+def turn_tls_target(s: NodeSettings, strict: bool = False) -> str:
+    """The non-loopback host:port of the TURN TLS listener the router's TURN routes use."""
+    listeners = host.get_fact(TurnTlsListenersFact, port=s.turn_tls_port, _timeout=FACT_TIMEOUT)
+    addr, problem = choose(s, listeners, strict)
+    if addr is None:
+        raise RouterConfigMergeError(problem or "no TURN TLS address")
+    return addr
+
+
 def new_router_config(s: NodeSettings) -> tuple[str, str]:
     """(current text, merged text) of the node's sni-router.yaml."""
     current = read_text(layout.ROUTER_CONFIG)
     kept = operator_routes(current, layout.ROUTER_CONFIG, set(s.cdn_hosts))
-    return current, render.router_config(s, routes_yaml(kept))
+    turn = backend_addr(turn_tls_target(s), s.turn_source)
+    return current, render.router_config(resolved(s, turn), routes_yaml(kept))
 
 
 def new_caddyfile(s: NodeSettings) -> tuple[str, str]:

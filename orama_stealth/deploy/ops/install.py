@@ -14,10 +14,12 @@ from orama_stealth.deploy.ops.common import (
     guarded,
     new_router_config,
     put,
+    read_text,
     settings,
     sh,
     snapshot,
     stage,
+    turn_tls_target,
 )
 from orama_stealth.deploy.wheels import wheel_set
 
@@ -50,9 +52,36 @@ def install_router() -> Commands:
 def router_unit() -> Commands:
     """The hardened systemd unit of the router and the socket units holding :443/:80."""
     s = settings()
-    yield from put(layout.ROUTER_UNIT, text=render.router_unit(s))
+    unit = render.router_unit(s)
+    changed = read_text(layout.ROUTER_UNIT) != unit
+    yield from put(layout.ROUTER_UNIT, text=unit)
     for fd_name, path in zip(layout.SOCKETS, layout.SOCKET_UNITS, strict=True):
         yield from put(path, text=render.router_socket(fd_name))
+    if changed and snapshot(s).router_active:
+        # Capabilities (turn_source client adds CAP_NET_ADMIN) reach only a new process; the
+        # socket units keep :443/:80 queueing meanwhile.
+        yield sh(f"systemctl daemon-reload && systemctl restart {layout.ROUTER_UNIT_NAME}")
+
+
+@operation()
+@guarded
+def source_routing() -> Commands:
+    """turn_source client: the policy routing that brings the TURN server's replies to clients'
+    addresses back to the router; turn_source router: none (removed if left from before)."""
+    from orama_stealth.deploy import source_routing as sr
+
+    s = settings()
+    if s.turn_source != "client":
+        if read_text(sr.UNIT):
+            yield sh(sr.remove())
+        else:
+            host.noop("no policy routing (turn_source router)")
+        return
+    text = sr.unit(s, turn_tls_target(s))
+    if read_text(sr.UNIT) == text:
+        host.noop("the policy routing unit is current")
+        return
+    yield sh(sr.install(stage(text, sr.UNIT_NAME)))
 
 
 @operation()

@@ -24,9 +24,12 @@ from orama_stealth.deploy.ops.common import (
     sh,
     snapshot,
     stage,
+    turn_tls_target,
 )
 from orama_stealth.deploy.routercfg import RouterConfigMergeError
 from orama_stealth.deploy.settings import NodeSettings
+from orama_stealth.deploy.source_routing import backend_addr
+from orama_stealth.deploy.turn_target import answers_tls
 from orama_stealth.router.config import ConfigError, parse_config
 
 
@@ -102,6 +105,13 @@ def _problems(s: NodeSettings) -> list[str]:
     try:
         _, router_yaml = new_router_config(s)
         parse_config(router_yaml, layout.ROUTER_CONFIG)
+        turn = turn_tls_target(s, strict=True)
+        # The real-address mode dials the alternate TLS port (deploy/source_routing.py).
+        for addr in dict.fromkeys([turn, backend_addr(turn, s.turn_source)]):
+            ok, out = run(answers_tls(addr))
+            if out != "tls-ok":
+                problems.append(f"the TURN server's TLS listener at {addr} does not complete a "
+                                f"TLS handshake from the node: {out or 'no answer'}")
         _, caddyfile = new_caddyfile(s)
     except (ConfigError, RouterConfigMergeError) as exc:
         problems.append(f"router config: {exc}")
