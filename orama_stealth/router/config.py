@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -76,6 +76,14 @@ class RouterConfig:
     routes: tuple[Route, ...]
     workers: int
     metrics_listen: tuple[str, int] | None
+
+    def with_runtime_of(self, running: RouterConfig) -> RouterConfig:
+        """This (reloaded) config with the parts that need a restart kept as `running` has
+        them: the listener set, the worker count and the metrics address."""
+        return replace(
+            self, listeners=running.listeners, workers=running.workers,
+            metrics_listen=running.metrics_listen,
+        )
 
 
 class ConfigError(Exception):
@@ -278,14 +286,19 @@ def parse_config(text: str, path: str = "<string>") -> RouterConfig:
     return _Schema(_Doc(path)).config(root)
 
 
-def load_config(path: str | os.PathLike[str]) -> RouterConfig:
+def read_config(path: str | os.PathLike[str]) -> tuple[str, RouterConfig]:
+    """The file's text and the config it holds (the text is what a reload hands the workers)."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(name, None, "", f"cannot read: {e}") from None
-    return parse_config(text, name)
+    return text, parse_config(text, name)
+
+
+def load_config(path: str | os.PathLike[str]) -> RouterConfig:
+    return read_config(path)[1]
 
 
 class _Schema:

@@ -1,21 +1,24 @@
-"""Pumping ciphertext between a client and its backend: one `Half` per direction.
+"""The data path: pumping ciphertext between a client and its backend, one `Half` per direction,
+all of a worker's routed sockets in one epoll (`Relay`) that the asyncio loop watches as a
+single reader.
 
-Why it looks like this (figures in docs/router.md):
-- No coroutine, no StreamReader, no transport per connection: the loop calls `on_readable` when
-  the source socket has bytes; it `recv_into`s one buffer shared by the whole worker and `send`s
-  straight on. An idle connection therefore holds no buffer at all.
+Why it looks like this (figures in docs/router.md and docs/performance.md):
+- No coroutine, no transport per connection: when the relay's epoll reports a source socket
+  readable, its `Half` reads into one buffer shared by the whole worker and writes straight on.
+  An idle connection holds no buffer, no loop handle and no socket object: two bare descriptors,
+  two `Half`s and one entry per descriptor here.
 - Flow control is structural: when the destination does not take everything, the remainder (at
-  most one read) is kept, reading from the source stops and a writer callback waits for the
-  destination; reading resumes only once it is flushed.
+  most one read) is kept, reading from the source stops and the destination is watched for
+  writability; reading resumes only once it is flushed.
 - Half-close: EOF from one side becomes shutdown(SHUT_WR) on the other once everything before it
-  was delivered; the connection closes when both directions are done.
-- Bulk: after a few reads that filled the whole buffer, the direction switches to splice(2)
-  through a pipe, so the kernel moves the bytes without copying them through Python.
-- Idle detection and byte counting are one integer per direction, bumped per read: the coarse
-  periodic sweep folds it into the worker's counters and uses it to tell idle connections,
-  never a timer reset per chunk.
-- Sockets are bare descriptors watched by the worker's own epoll loop (`evloop.Loop`): an idle
-  connection costs two dict entries there, no socket objects and no loop handles.
+  was delivered; the connection closes when both directions are done. Readers are watched with
+  EPOLLRDHUP, so a short read that came with the peer's FIN finishes the direction at once.
+- Bulk: after a few reads that filled a TLS record, a direction switches to splice(2) through a
+  pipe, so the kernel moves the bytes without copying them through Python.
+- Idle detection and byte counting are one integer per direction, bumped per read and folded by
+  the worker's periodic sweep: no timer per connection, none reset per chunk.
+
+This module knows nothing of connections: a `Half` reports to its `Owner` (the connection).
 """
 
 from __future__ import annotations
@@ -23,15 +26,12 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from orama_stealth.router.metrics import Stats
-
-if TYPE_CHECKING:
-    from orama_stealth.router.evloop import Loop
-    from orama_stealth.router.worker import Conn
 
 BUFSIZE = 1 << 16
 # A direction counts as bulk, and moves to splice(2), after this many large reads in a row; a
@@ -41,6 +41,9 @@ BULK_READS = 8
 LARGE_READ = 16 * 1024
 # A bigger pipe moves more per splice pair (fewer syscalls per GB); only bulk directions get one.
 PIPE_SIZE = 1 << 18
+# Events handled per wakeup; more stay pending (level-triggered) for the next one, so the loop's
+# timers and accepts still run while every connection is busy.
+MAX_EVENTS = 256
 _BUF = bytearray(BUFSIZE)
 _MV = memoryview(_BUF)
 _BUFS = [_BUF]
@@ -52,6 +55,11 @@ _AGAIN = (BlockingIOError, InterruptedError)
 # Module globals: one lookup each on the per-read path instead of a global and an attribute.
 _readv = os.readv
 _write = os.write
+RD = select.EPOLLIN | select.EPOLLRDHUP  # what a reading Half watches on its source
+WR = select.EPOLLOUT  # what a Half waiting to flush watches on its destination
+_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_RDHUP = select.EPOLLRDHUP
 
 
 def splice_available() -> bool:
@@ -93,63 +101,163 @@ def shutdown_wr(fd: int) -> None:
 def read_exact_size(fd: int) -> bytes:
     """One read into the shared buffer, returned as a right-sized bytes object (a 32 KiB recv
     buffer shrunk in place would leave heap holes behind every idle connection)."""
-    n = os.readv(fd, _BUFS)
+    n = _readv(fd, _BUFS)
     return bytes(_MV[:n])
 
 
-class Half:
-    """One direction of a routed connection: bytes from `src` to `dst`.
+class Owner(Protocol):
+    """What a Half reports to: the connection it belongs to."""
 
-    `rd`/`wr` mirror what is registered with the worker's loop, so nothing is registered or
-    removed twice: every registration change is an epoll_ctl(2), and they add up per connection.
+    def close(self) -> None: ...
+
+    def half_done(self) -> None: ...
+
+
+class Relay:
+    """One epoll for every routed socket of a worker; the asyncio loop watches its descriptor.
+
+    Each socket is registered once, by the Half that reads from it; that Half's `mask` holds
+    what is watched on it: RD while it reads, WR while its peer (the Half writing to the same
+    socket) waits to flush. A socket about to be closed is only forgotten: close(2) takes it out
+    of the epoll set, no epoll_ctl is spent on it.
     """
 
+    __slots__ = ("_ep", "halves", "hup", "on_error", "stats")
+
+    def __init__(self, stats: Stats, on_error: Callable[[BaseException, object], None]) -> None:
+        self._ep = select.epoll()
+        self.stats = stats
+        self.on_error = on_error
+        self.halves: dict[int, Half] = {}  # by the descriptor each one reads from
+        # While a Half's read runs: non-zero when epoll also reported the peer's FIN
+        # (EPOLLRDHUP). Everything the peer sent before it is then already queued, so a read
+        # that returns less than it asked for has reached the end.
+        self.hup = 0
+
+    def fileno(self) -> int:
+        return self._ep.fileno()
+
+    def close(self) -> None:
+        self._ep.close()
+        self.halves.clear()
+
+    def pair(self, owner: Owner, cfd: int, bfd: int) -> tuple[Half, Half]:
+        """The two directions of a connection: client -> backend (up), backend -> client."""
+        up = Half(owner, self, cfd, bfd, True)
+        down = Half(owner, self, bfd, cfd, False)
+        up.peer = down
+        down.peer = up
+        self.halves[cfd] = up
+        self.halves[bfd] = down
+        return up, down
+
+    def _set(self, half: Half, mask: int) -> None:
+        old = half.mask
+        if mask == old:
+            return
+        half.mask = mask
+        if not mask:
+            self._ep.unregister(half.sfd)
+        elif not old:
+            self._ep.register(half.sfd, mask)
+        else:
+            self._ep.modify(half.sfd, mask)
+
+    def forget(self, half: Half) -> None:
+        if self.halves.get(half.sfd) is half:
+            del self.halves[half.sfd]
+        half.mask = 0
+
+    def on_ready(self) -> None:
+        """The loop's reader callback: handle what the relay's epoll has ready, now."""
+        try:
+            events = self._ep.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return
+        halves = self.halves
+        in_, out, rdhup = _IN, _OUT, _RDHUP  # locals: this runs once per event
+        for fd, ev in events:
+            # Looked up in turn: an earlier event of this batch may have closed a connection.
+            half = halves.get(fd)
+            if half is None:
+                continue
+            try:
+                if ev & in_ and half.mask & RD:
+                    self.hup = ev & rdhup
+                    if half.pipe_r >= 0:
+                        half.on_splice_readable()
+                    else:
+                        half.on_readable()
+                if ev & out and half.mask & WR:
+                    peer = half.peer
+                    if peer.pipe_r >= 0:
+                        peer.on_splice_writable()
+                    else:
+                        peer.on_writable()
+            except Exception as e:  # one connection's bug must not take the others down
+                self.on_error(e, half)
+
+
+class Half:
+    """One direction of a routed connection: bytes from `sfd` to `dfd`."""
+
     __slots__ = (
-        "conn",
         "dfd",
         "done",
         "eof",
         "full",
         "inpipe",
+        "mask",
         "moved",
+        "owner",
+        "peer",
         "pending",
         "pipe_r",
         "pipe_size",
         "pipe_w",
-        "poller",
-        "rd",
+        "relay",
         "sfd",
-        "stats",
         "upward",
-        "wr",
     )
 
-    def __init__(
-        self,
-        conn: Conn,
-        sfd: int,
-        dfd: int,
-        upward: bool,
-        poller: Loop,
-        stats: Stats,
-    ) -> None:
-        self.conn = conn
+    def __init__(self, owner: Owner, relay: Relay, sfd: int, dfd: int, upward: bool) -> None:
+        self.owner = owner
+        self.relay = relay
+        self.peer: Half = self
         self.sfd = sfd
         self.dfd = dfd
         self.upward = upward
-        self.poller = poller
-        self.stats = stats
+        self.mask = 0  # what the relay's epoll watches on sfd (see Relay)
         self.pending: bytes | bytearray = b""
         self.eof = False
         self.done = False
         self.full = 0
         self.moved = 0  # bytes read since the last fold()
-        self.rd = False
-        self.wr = False
         self.pipe_r = -1
         self.pipe_w = -1
         self.pipe_size = BUFSIZE
         self.inpipe = 0
+
+    # --- what is watched -------------------------------------------------------------------
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.mask & RD)
+
+    def _read_on(self) -> None:
+        self.relay._set(self, self.mask | RD)
+
+    def _read_off(self) -> None:
+        self.relay._set(self, self.mask & ~RD)
+
+    def _write_on(self) -> None:
+        # dfd is the peer's source: its registration carries this direction's WR.
+        peer = self.peer
+        self.relay._set(peer, peer.mask | WR)
+
+    def _write_off(self) -> None:
+        peer = self.peer
+        self.relay._set(peer, peer.mask & ~WR)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -157,19 +265,17 @@ class Half:
         """Begin pumping, after sending `first` (PROXY header and replayed hello) to `dst`."""
         if first:
             try:
-                sent = os.write(self.dfd, first)
+                sent = _write(self.dfd, first)
             except _AGAIN:
                 sent = 0
             except OSError:
-                self.conn.close()
+                self.owner.close()
                 return
             if sent < len(first):
                 self.pending = first[sent:]
-                self.wr = True
-                self.poller.add_writer(self.dfd, self.on_writable)
+                self._write_on()
                 return
-        self.rd = True
-        self.poller.add_reader(self.sfd, self.on_readable)
+        self._read_on()
 
     # --- copying through Python --------------------------------------------------------------
 
@@ -179,7 +285,7 @@ class Half:
         except _AGAIN:
             return
         except OSError:
-            self.conn.close()
+            self.owner.close()
             return
         if not n:
             self._src_eof()
@@ -190,19 +296,17 @@ class Half:
         except _AGAIN:
             sent = 0
         except OSError:
-            self.conn.close()
+            self.owner.close()
             return
         if sent < n:
             self.pending = _BUF[sent:n]
-            self.rd = False
-            self.poller.remove_reader(self.sfd)
-            self.wr = True
-            self.poller.add_writer(self.dfd, self.on_writable)
+            self._read_off()
+            self._write_on()
             return
         if n < LARGE_READ:
             if self.full:
                 self.full = 0
-            if self.poller.hup:
+            if self.relay.hup:
                 # The peer's FIN was reported with these bytes and the read did not fill the
                 # buffer, so nothing is left before it: finish now instead of reading again
                 # just to get 0 (what HAProxy does with EPOLLRDHUP, too).
@@ -214,34 +318,33 @@ class Half:
 
     def on_writable(self) -> None:
         try:
-            sent = os.write(self.dfd, self.pending)
+            sent = _write(self.dfd, self.pending)
         except _AGAIN:
             return
         except OSError:
-            self.conn.close()
+            self.owner.close()
             return
         if sent < len(self.pending):
             self.pending = self.pending[sent:]
             return
         self.pending = b""
-        self.wr = False
-        self.poller.remove_writer(self.dfd)
+        self._write_off()
         if self.eof:
             self._finish()
         else:
-            self.rd = True
-            self.poller.add_reader(self.sfd, self.on_readable)
+            self._read_on()
 
     # --- end of one direction ----------------------------------------------------------------
 
     def _src_eof(self) -> None:
         self.eof = True
-        self.rd = False
         flushed = not self.pending and not self.inpipe
-        if not (flushed and self.conn.other_done(self)):
-            # Otherwise both directions are over and the connection closes in _finish below:
-            # close(2) takes the descriptor out of the epoll set, no epoll_ctl is spent on it.
-            self.poller.remove_reader(self.sfd)
+        if flushed and self.peer.done:
+            # Both directions are over and the connection closes in _finish below: close(2)
+            # takes the descriptor out of the epoll set, no epoll_ctl is spent on it.
+            self.mask &= ~RD
+        else:
+            self._read_off()
         if flushed:
             self._finish()
 
@@ -249,20 +352,20 @@ class Half:
         self.done = True
         # When the other direction already finished, close(2) follows at once and sends the
         # FIN itself (nothing is left unread on dst: its own EOF was read).
-        if not self.conn.other_done(self):
+        if not self.peer.done:
             shutdown_wr(self.dfd)
-        self.conn.half_done()
+        self.owner.half_done()
 
     def poll(self) -> None:
-        """Read now as if the loop had reported the source readable (EAGAIN when it is not).
+        """Read now as if epoll had reported the source readable (EAGAIN when it is not).
 
         A safety net for half-closed connections that went quiet: should a wakeup for the
-        remaining direction ever be missed (it was, under uvloop, which ran the relay before
-        evloop), the backend's close is still seen by the next sweep rather than at
-        drain_timeout. It costs one read per such connection per sweep.
+        remaining direction ever be missed (it was, when uvloop watched each relayed socket),
+        the peer's close is still seen by the next sweep rather than at drain_timeout. It costs
+        one read per such connection per sweep.
         """
-        if self.rd and not self.done:
-            self.poller.hup = 0  # not called from the loop: no FIN was reported with it
+        if self.mask & RD and not self.done:
+            self.relay.hup = 0  # not called from epoll: no FIN was reported with it
             if self.pipe_r >= 0:
                 self.on_splice_readable()
             else:
@@ -275,15 +378,16 @@ class Half:
         if n:
             self.moved = 0
             if self.upward:
-                self.stats.bytes_up += n
+                self.relay.stats.bytes_up += n
             else:
-                self.stats.bytes_down += n
+                self.relay.stats.bytes_down += n
         return n
 
     def release(self) -> None:
-        """Release the pipe; the connection closes (and so unregisters) the sockets."""
+        """Fold the counters, release the pipe and forget the source descriptor: the connection
+        closes (and so unregisters) the sockets right after."""
         self.fold()
-        self.rd = self.wr = False
+        self.relay.forget(self)
         if self.pipe_r >= 0:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
@@ -309,11 +413,9 @@ class Half:
                 self.pipe_r = self.pipe_w = -1
                 self.pipe_size = BUFSIZE
                 self.full = 0
-                self.stats.splice_refused += 1
+                self.relay.stats.splice_refused += 1
                 return
-        self.stats.splice_switches += 1
-        # Re-registering an fd that is already watched only swaps the callback.
-        self.poller.add_reader(self.sfd, self.on_splice_readable)
+        self.relay.stats.splice_switches += 1
 
     def on_splice_readable(self) -> None:
         try:
@@ -321,7 +423,7 @@ class Half:
         except _AGAIN:
             return
         except OSError:
-            self.conn.close()
+            self.owner.close()
             return
         if n == 0:
             self._src_eof()
@@ -329,10 +431,8 @@ class Half:
         self.moved += n
         self.inpipe = n
         if self._drain_pipe() and self.inpipe:
-            self.rd = False
-            self.poller.remove_reader(self.sfd)
-            self.wr = True
-            self.poller.add_writer(self.dfd, self.on_splice_writable)
+            self._read_off()
+            self._write_on()
 
     def _drain_pipe(self) -> bool:
         """Move what the pipe holds to dst; False when the connection was closed."""
@@ -342,7 +442,7 @@ class Half:
             except _AGAIN:
                 return True
             except OSError:
-                self.conn.close()
+                self.owner.close()
                 return False
             self.inpipe -= m
         return True
@@ -350,10 +450,8 @@ class Half:
     def on_splice_writable(self) -> None:
         if not self._drain_pipe() or self.inpipe:
             return
-        self.wr = False
-        self.poller.remove_writer(self.dfd)
+        self._write_off()
         if self.eof:
             self._finish()
         else:
-            self.rd = True
-            self.poller.add_reader(self.sfd, self.on_splice_readable)
+            self._read_on()

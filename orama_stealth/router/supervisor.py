@@ -1,21 +1,21 @@
-"""The supervisor: owns the listening sockets, forks the workers, and does the operations.
+"""The supervisor: owns the listening sockets, forks and reaps the workers, reloads, stops.
 
-It binds every listener (or takes them from systemd socket activation), then forks N workers
-that inherit them; the kernel spreads accepts over the workers. It restarts a worker that dies
-(subtracting what that worker held from the shared admission table), re-reads the config on
-SIGHUP and passes it to the workers, drains on SIGTERM, answers the systemd notify protocol and
-serves /metrics by summing the workers' published counters.
+It opens every listener (`listeners.open_listeners`: bound here or taken from systemd socket
+activation) and holds them for the router's whole life, then forks N workers that inherit them;
+the kernel spreads accepts over the workers. It restarts a worker that dies (subtracting what
+that worker held from the shared admission table), re-reads the config on SIGHUP and passes it
+to the workers over the control channel (`control`), drains on SIGTERM, and answers the systemd
+notify protocol. /metrics is the standard library's HTTP server on a thread (`metrics_http`),
+rendering the sum of the workers' published counters.
 
-It runs a plain `selectors` loop rather than asyncio, so forking a replacement worker never
-happens inside a running event loop.
+Its own loop is `selectors`, not asyncio: forking a replacement worker never happens inside a
+running event loop (each worker starts a fresh one).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import pickle
 import resource
 import selectors
 import signal
@@ -24,125 +24,20 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from orama_stealth.router import sd
+from orama_stealth.router import control, sd
 from orama_stealth.router.admission import LocalAdmission, SharedTable
-from orama_stealth.router.config import ConfigError, Listener, RouterConfig, load_config
+from orama_stealth.router.config import ConfigError, RouterConfig, read_config
+from orama_stealth.router.listeners import BindError, ListenerSet, open_listeners
 from orama_stealth.router.logs import Logger
 from orama_stealth.router.metrics import StatsRegion, merge, render
+from orama_stealth.router.metrics_http import MetricsServer
 from orama_stealth.router.routes import RouteTable
-from orama_stealth.router.worker import MSG_HEADER, Worker
+from orama_stealth.router.worker import Worker
 
-BACKLOG = 4096
+__all__ = ["BindError", "Supervisor"]
+
 RESTART_BACKOFF = 1.0
 KILL_GRACE = 5.0
-METRICS_CLIENT_TIMEOUT = 5.0
-
-
-class BindError(Exception):
-    pass
-
-
-def _bind(listener: Listener, reuseport: bool = False) -> socket.socket:
-    """Dual-stack for ":port" (IPv4 arrives as ::ffff:a.b.c.d), plain IPv4 where v6 is absent."""
-    host, port = listener.host, listener.port
-    candidates: list[tuple[int, tuple[str, int]]] = []
-    if host == "":
-        candidates = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except OSError as e:
-            raise BindError(f"listener {listener.name}: cannot resolve {host!r}: {e}") from None
-        candidates = [(int(i[0]), (str(i[4][0]), port)) for i in infos[:1]]
-    last: OSError | None = None
-    for family, addr in candidates:
-        s = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuseport:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and host == "":
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.bind(addr)
-            s.listen(BACKLOG)
-            s.setblocking(False)
-            return s
-        except OSError as e:
-            s.close()
-            last = e
-            # Only a missing IPv6 stack falls back to IPv4; a busy port is an error.
-            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
-                break
-    raise BindError(f"listener {listener.name}: cannot listen on {listener.addr}: {last}")
-
-
-def open_listeners(
-    cfg: RouterConfig, inherited: list[tuple[str, socket.socket]], log: Logger, workers: int = 1
-) -> list[tuple[Listener, list[socket.socket]]]:
-    """Sockets per listener: one per worker when we bind, one shared when systemd passed it.
-
-    Binding one SO_REUSEPORT socket per worker lets the kernel hand each new connection to
-    exactly one worker; a single shared socket wakes every worker for every connection (only
-    one wins the accept). Sockets from systemd are matched to listeners by name, else by order.
-    """
-    by_name = {name: s for name, s in inherited if name}
-    known = {li.name for li in cfg.listeners}
-    unnamed = [s for name, s in inherited if not name or name not in known]
-    out: list[tuple[Listener, list[socket.socket]]] = []
-    try:
-        for i, li in enumerate(cfg.listeners):
-            sock = by_name.pop(li.name, None)
-            if sock is None and unnamed and i < len(inherited):
-                sock = unnamed.pop(0)
-            if sock is not None:
-                sock.setblocking(False)
-                socks = [sock]
-                how = "inherited"
-            elif workers > 1:
-                socks = []
-                out.append((li, socks))  # so a failure below closes what was bound
-                for _ in range(workers):
-                    socks.append(_bind(li, reuseport=True))
-                out.pop()
-                how = "bound"
-            else:
-                socks = [_bind(li)]
-                how = "bound"
-            for sock in socks:
-                defer_accept(sock, li, cfg.client_hello_timeout)
-            out.append((li, socks))
-            log.info(
-                "listening", "listener open", listener=li.name, addr=li.addr, mode=li.mode,
-                socket=_sockname(socks[0]), how=how, sockets=len(socks),
-            )
-    except BaseException:
-        for _li, socks in out:
-            for s in socks:
-                s.close()
-        raise
-    for s in [*by_name.values(), *unnamed]:
-        log.warn("listen_fd_unused", "inherited socket matches no listener", socket=_sockname(s))
-        s.close()
-    return out
-
-
-def defer_accept(sock: socket.socket, listener: Listener, seconds: float) -> None:
-    """TLS clients speak first: let the kernel hand over a connection only once its hello (or
-    any byte) arrived. The worker then reads the hello right after accept without registering
-    with the loop or arming a timer, and connections that never speak cost nothing. Not for
-    `mode: tcp` listeners, whose protocol may have the server speak first."""
-    if listener.mode != "tls" or not hasattr(socket, "TCP_DEFER_ACCEPT"):
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, int(seconds + 0.999)))
-
-
-def _sockname(sock: socket.socket) -> str:
-    try:
-        addr = sock.getsockname()
-    except OSError:
-        return "?"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
 def usable_cpus() -> int:
@@ -165,18 +60,11 @@ def _raise_nofile() -> None:
 class WorkerSlot:
     index: int
     pid: int = 0
-    control: socket.socket | None = None
+    channel: socket.socket | None = None
     ready: bool = False
     started: float = 0.0
-    buf: bytes = b""
+    decoder: control.Decoder = field(default_factory=control.Decoder)
     restart_at: float = 0.0
-
-
-@dataclass
-class MetricsClient:
-    sock: socket.socket
-    since: float
-    buf: bytes = b""
 
 
 @dataclass
@@ -192,13 +80,12 @@ class Supervisor:
         self.cfg = cfg
         self.log = log
         self.nworkers = cfg.workers or usable_cpus()
-        self.listeners: list[tuple[Listener, list[socket.socket]]] = []
+        self.listeners = ListenerSet([])
         self.slots = [WorkerSlot(i) for i in range(self.nworkers)]
         self.table: SharedTable | None = None
         self.region: StatsRegion | None = None
         self.sel = selectors.DefaultSelector()
-        self.metrics_sock: socket.socket | None = None
-        self.metrics_clients: dict[int, MetricsClient] = {}
+        self.metrics: MetricsServer | None = None
         self.stopping = False
         self.stop_deadline = 0.0
         self.announced = False
@@ -216,18 +103,11 @@ class Supervisor:
         self.listeners = open_listeners(self.cfg, inherited, self.log, self.nworkers)
         if self.cfg.metrics_listen is not None:
             host, port = self.cfg.metrics_listen
-            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-            s = socket.socket(fam, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((host, port))
+                self.metrics = MetricsServer((host, port), self.render_metrics)
             except OSError as e:
-                s.close()
+                self.listeners.close()
                 raise BindError(f"metrics_listen: cannot listen on {host}:{port}: {e}") from None
-            s.listen(64)
-            s.setblocking(False)
-            self.metrics_sock = s
-            self.sel.register(s, selectors.EVENT_READ, "metrics")
         if self.nworkers > 1:
             self.table = SharedTable(self.cfg.max_concurrent_conns, self.nworkers)
         self.region = StatsRegion(self.nworkers)
@@ -239,10 +119,11 @@ class Supervisor:
         self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")
         for slot in self.slots:
             self._spawn(slot)
-
-    def worker_sockets(self, index: int) -> list[tuple[Listener, socket.socket]]:
-        """Worker `index`'s own socket of each listener (the shared one when there is one)."""
-        return [(li, socks[index % len(socks)]) for li, socks in self.listeners]
+        # After the first forks: no worker is ever forked while this thread is busy with a
+        # request it started before the fork (restarts fork with it running: it holds no lock
+        # a worker needs, see metrics_http).
+        if self.metrics is not None:
+            self.metrics.start()
 
     def _spawn(self, slot: WorkerSlot) -> None:
         assert self.region is not None
@@ -264,7 +145,7 @@ class Supervisor:
                 log = Logger(worker=slot.index)
                 self.region.clear(slot.index)
                 code = Worker(
-                    slot.index, self.cfg, self.worker_sockets(slot.index), admission,
+                    slot.index, self.cfg, self.listeners.for_worker(slot.index), admission,
                     self.region, child, log,
                 ).run()
             except BaseException:
@@ -277,9 +158,9 @@ class Supervisor:
                 os._exit(code)
         child.close()
         slot.pid = pid
-        slot.control = parent
+        slot.channel = parent
         slot.ready = False
-        slot.buf = b""
+        slot.decoder = control.Decoder()
         slot.started = time.monotonic()
         parent.setblocking(False)
         self.sel.register(parent, selectors.EVENT_READ, slot)
@@ -290,24 +171,18 @@ class Supervisor:
         Other workers' listening sockets must go too: a copy left open here would keep a
         draining worker's accept queue alive, and connections would wait in it for nobody.
         """
-        mine = {id(s) for _li, s in self.worker_sockets(index)}
-        for _li, socks in self.listeners:
-            for s in socks:
-                if id(s) not in mine:
-                    s.close()
+        self.listeners.keep_only(index)
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         self.sel.close()
         self._wake_r.close()
         self._wake_w.close()
-        if self.metrics_sock is not None:
-            self.metrics_sock.close()
-        for client in self.metrics_clients.values():
-            client.sock.close()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
         for other in self.slots:
-            if other.control is not None:
-                other.control.close()
+            if other.channel is not None:
+                other.channel.close()
 
     # --- main loop ---------------------------------------------------------------------------
 
@@ -320,16 +195,11 @@ class Supervisor:
                     tag = key.data
                     if tag == "signal":
                         self._on_signals()
-                    elif tag == "metrics":
-                        self._on_metrics_accept()
-                    elif isinstance(tag, MetricsClient):
-                        self._on_metrics_client(tag)
                     elif isinstance(tag, WorkerSlot):
                         self._on_worker_message(tag)
                 self._reap()
                 now = time.monotonic()
                 self._respawn_due(now)
-                self._expire_metrics_clients(now)
                 if self._watchdog and now >= self._next_watchdog:
                     sd.notify("WATCHDOG=1")
                     self._next_watchdog = now + self._watchdog
@@ -344,6 +214,8 @@ class Supervisor:
                                     os.kill(s.pid, signal.SIGKILL)
         finally:
             signal.set_wakeup_fd(-1)
+            if self.metrics is not None:
+                self.metrics.stop()
 
     def _on_signals(self) -> None:
         try:
@@ -359,29 +231,31 @@ class Supervisor:
                 self.log_snapshot()
 
     def _on_worker_message(self, slot: WorkerSlot) -> None:
-        assert slot.control is not None
+        assert slot.channel is not None
         try:
-            data = slot.control.recv(4096)
+            data = slot.channel.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self.sel.unregister(slot.control)
-            slot.control.close()
-            slot.control = None
+            self.sel.unregister(slot.channel)
+            slot.channel.close()
+            slot.channel = None
             return
-        slot.buf += data
-        while b"\n" in slot.buf:
-            line, slot.buf = slot.buf.split(b"\n", 1)
-            words = line.decode(errors="replace").split()
-            if words and words[0] == "ready":
+        try:
+            messages = slot.decoder.feed(data)
+        except control.ControlError as e:
+            self.log.warn("control_error", "bad message from a worker", worker=slot.index,
+                          error=str(e))
+            return
+        for msg in messages:
+            if msg["type"] == "ready":
                 slot.ready = True
-                if len(words) > 1:
-                    self.loop_name = words[1]
+                self.loop_name = str(msg.get("loop", self.loop_name))
         if not self.announced and all(s.ready for s in self.slots):
             self.announced = True
-            names = ",".join(f"{li.name}={_sockname(s[0])}" for li, s in self.listeners)
+            names = self.listeners.describe()
             self.log.info(
                 "ready", "router ready", listeners=names, workers=self.nworkers,
                 loop=self.loop_name, routes=len(self.cfg.routes), pid=os.getpid(),
@@ -421,11 +295,11 @@ class Supervisor:
     def _retire(self, slot: WorkerSlot) -> None:
         assert self.region is not None
         slot.pid = 0
-        if slot.control is not None:
+        if slot.channel is not None:
             with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(slot.control)
-            slot.control.close()
-            slot.control = None
+                self.sel.unregister(slot.channel)
+            slot.channel.close()
+            slot.channel = None
         last = self.region.read(slot.index)
         if last is not None:
             last["active"] = 0
@@ -455,9 +329,7 @@ class Supervisor:
             drain_timeout=self.cfg.drain_timeout,
         )
         # Close our copies so the kernel stops queueing connections nobody will accept.
-        for _li, socks in self.listeners:
-            for s in socks:
-                s.close()
+        self.listeners.close()
         for slot in self.slots:
             if slot.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -468,7 +340,7 @@ class Supervisor:
             return
         sd.notify(sd.reloading_message())
         try:
-            new = load_config(self.cfg.path)
+            text, new = read_config(self.cfg.path)
         except ConfigError as e:
             self.counters.reload_failures += 1
             self.log.error(
@@ -493,22 +365,21 @@ class Supervisor:
                 keys=",".join(needs_restart),
             )
         # Listener set and worker count stay as they are; everything else applies now.
-        self.cfg = new_cfg = _keep_runtime_shape(new, self.cfg)
-        payload = pickle.dumps(new_cfg)
-        message = MSG_HEADER.pack(b"C", len(payload)) + payload
+        self.cfg = new_cfg = new.with_runtime_of(self.cfg)
+        message = control.reload(new_cfg.path, text)
         for slot in self.slots:
-            if slot.control is not None:
+            if slot.channel is not None:
                 try:
-                    slot.control.setblocking(True)
-                    slot.control.settimeout(2.0)
-                    slot.control.sendall(message)
+                    slot.channel.setblocking(True)
+                    slot.channel.settimeout(2.0)
+                    slot.channel.sendall(message)
                 except OSError as e:
                     self.log.warn(
                         "reload_send_failed", "could not pass the config to a worker",
                         worker=slot.index, error=str(e),
                     )
                 finally:
-                    slot.control.setblocking(False)
+                    slot.channel.setblocking(False)
         self.counters.reloads += 1
         table = RouteTable.from_config(new_cfg)
         self.log.info(
@@ -549,70 +420,7 @@ class Supervisor:
         fields.update(gauges)
         self.log.info("stats", "counters snapshot", **fields)
 
-    # --- /metrics ----------------------------------------------------------------------------
-
-    def _on_metrics_accept(self) -> None:
-        assert self.metrics_sock is not None
-        for _ in range(16):
-            try:
-                sock, _addr = self.metrics_sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            sock.setblocking(False)
-            client = MetricsClient(sock, time.monotonic())
-            self.metrics_clients[sock.fileno()] = client
-            self.sel.register(sock, selectors.EVENT_READ, client)
-
-    def _close_metrics_client(self, client: MetricsClient) -> None:
-        self.metrics_clients.pop(client.sock.fileno(), None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(client.sock)
-        client.sock.close()
-
-    def _on_metrics_client(self, client: MetricsClient) -> None:
-        try:
-            data = client.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        client.buf += data
-        if data and b"\r\n\r\n" not in client.buf and len(client.buf) < 8192:
-            return
-        request = client.buf.split(b"\r\n", 1)[0].split()
-        path = request[1].split(b"?")[0] if len(request) >= 2 else b""
-        if request and request[0] in (b"GET", b"HEAD") and path == b"/metrics":
-            total, gauges = self.aggregate()
-            body = render(total, gauges).encode()
-            head = (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            response = head + (body if request[0] == b"GET" else b"")
-        else:
-            body = b"not found; try /metrics\n"
-            response = (
-                b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
-                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-        with contextlib.suppress(OSError):
-            client.sock.settimeout(1.0)
-            client.sock.sendall(response)
-        self._close_metrics_client(client)
-
-    def _expire_metrics_clients(self, now: float) -> None:
-        for client in list(self.metrics_clients.values()):
-            if now - client.since > METRICS_CLIENT_TIMEOUT:
-                self._close_metrics_client(client)
-
-
-def _keep_runtime_shape(new: RouterConfig, old: RouterConfig) -> RouterConfig:
-    """The reloaded config with the parts that need a restart kept as they run now."""
-    from dataclasses import replace
-
-    return replace(
-        new, listeners=old.listeners, workers=old.workers, metrics_listen=old.metrics_listen
-    )
+    def render_metrics(self) -> str:
+        """The /metrics body (called on the metrics thread: it only reads)."""
+        total, gauges = self.aggregate()
+        return render(total, gauges)

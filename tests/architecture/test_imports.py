@@ -83,7 +83,6 @@ def test_the_rules_see_the_package() -> None:
     assert "orama_stealth.wire.stun" in own_imports("orama_stealth.probe.turn_client")
 
 
-@pytest.mark.xfail(strict=True, reason="router.worker <-> router.relay until the worker is split")
 def test_no_import_circle() -> None:
     graph = {name: own_imports(name) for name in modules()}
     circles: list[list[str]] = []
