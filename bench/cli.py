@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import report, routebench, sysinfo, workloads
+from bench import basecode, report, routebench, sysinfo, workloads
 from bench.origin import Origin, nginx_origin
 from bench.settings import FULL, SMOKE, Settings
-from bench.targets import TARGETS, Endpoint, start
+from bench.targets import ALL_TARGETS, BASE_DIR, TARGETS, Endpoint, start
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,7 +26,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny durations and sizes, one repetition")
     p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated subset of {','.join(TARGETS)} (default: all)")
+                   help=f"comma-separated names from {','.join(ALL_TARGETS)}"
+                        f" (default: {','.join(TARGETS)})")
+    p.add_argument("--base", default=basecode.DEFAULT_BASE, metavar="COMMIT",
+                   help="the commit whose router the `base` target runs"
+                        f" (default {basecode.DEFAULT_BASE})")
     p.add_argument("--workloads", default=",".join(workloads.WORKLOADS),
                    help=f"comma-separated subset of {','.join(workloads.WORKLOADS)} (default: all)")
     p.add_argument("--repetitions", type=int, help="override the number of repetitions")
@@ -35,10 +39,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never apt-get install missing tools")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in TARGETS]
+    bad = [t for t in targets if t not in ALL_TARGETS]
     if bad or not targets:
         p.error(f"--targets: unknown {bad or 'empty list'}; "
-                f"expected names from {','.join(TARGETS)}")
+                f"expected names from {','.join(ALL_TARGETS)}")
     chosen = [w.strip() for w in a.workloads.split(",") if w.strip()]
     unknown = [w for w in chosen if w not in workloads.WORKLOADS]
     if unknown or not chosen:
@@ -135,6 +139,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
          f"workloads={','.join(a.workloads)} repetitions={s.repetitions}")
     with tempfile.TemporaryDirectory(prefix="orama-bench-") as tmp:
         work = Path(tmp)
+        if "base" in a.targets:
+            versions["base_commit"] = basecode.extract(a.base, work / BASE_DIR)
+            _log(f"base target: commit {versions['base_commit']} in {work / BASE_DIR}")
         with nginx_origin(work / "origin", s.big_size) as origin:
             for rep in range(s.repetitions):
                 k = rep % len(a.targets)

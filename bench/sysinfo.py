@@ -90,6 +90,7 @@ def versions() -> dict[str, str]:
     return {
         "python": sys.version.split()[0],
         "orama_stealth": _pkg("orama-stealth"),
+        "uvloop": _pkg("uvloop"),
         "git_commit": _commit(root),
         "haproxy": _version([which("haproxy") or "haproxy", "-v"], r"version (\S+)"),
         "nginx": _version([which("nginx") or "nginx", "-v"], r"nginx/(\S+)"),

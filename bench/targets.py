@@ -6,11 +6,17 @@ orama-sni-router runs as shipped, from a full configuration with routes, limits,
 and metrics, with its default number of workers. The floor (bench/floor.py) is the router's
 data-path technique with nothing else, one process per CPU like the router: what a Python relay
 costs here before it does any of the router's work.
+
+Beside the default targets: `router-asyncio` is this checkout's router on the standard
+library's event loop (ORAMA_LOOP=asyncio), and `base` the router of another commit
+(`--base`, extracted into the run's temporary directory by bench.basecode), so a change is
+measured against the code it replaces in the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -20,7 +26,11 @@ from pathlib import Path
 from bench.origin import SNI, Origin
 from bench.procs import free_port, running, tail, wait_log, wait_port
 
-TARGETS = ("direct", "haproxy", "router", "floor")
+TARGETS = ("direct", "haproxy", "router", "floor")  # a plain `python3 -m bench`
+OPTIONAL_TARGETS = ("router-asyncio", "base")
+ALL_TARGETS = TARGETS + OPTIONAL_TARGETS
+ROOT = Path(__file__).resolve().parent.parent
+BASE_DIR = "base-code"  # under the run's work directory: the `base` commit's tree
 # Enough for W4's idle connections plus headroom, within a 20,000 open-file limit at two
 # descriptors per routed connection.
 PROXY_MAXCONN = 9950
@@ -98,13 +108,25 @@ listeners:
 """
 
 
-def router_argv(config: Path) -> list[str]:
-    exe = shutil.which("orama-sni-router", path=str(Path(sys.executable).parent))
-    exe = exe or shutil.which("orama-sni-router")
-    if exe is None:
-        code = "import sys; from orama_stealth.router.cli import main; sys.exit(main())"
-        return [sys.executable, "-c", code, "--config", str(config)]
-    return [exe, "--config", str(config)]
+def router_argv(config: Path, code: Path = ROOT) -> list[str]:
+    """The router's command line, running the code under `code` (this checkout by default):
+    the module is started from `code` whatever an editable install elsewhere points at."""
+    module = ("orama_stealth.router.cli" if (code / "orama_stealth/router/cli.py").exists()
+              else "orama_stealth.cli")  # before the router/ package existed
+    run = f"import sys; from {module} import main; sys.exit(main())"
+    # -P: the working directory (maybe another checkout) does not go first on sys.path.
+    return [sys.executable, "-P", "-c", run, "--config", str(config)]
+
+
+def router_env(code: Path = ROOT, loop: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(code) + (os.pathsep + rest if rest else "")
+    if loop is not None:
+        env["ORAMA_LOOP"] = loop
+    else:
+        env.pop("ORAMA_LOOP", None)
+    return env
 
 
 @contextlib.contextmanager
@@ -124,11 +146,15 @@ def start(target: str, origin: Origin, workdir: Path, tag: str) -> Iterator[Endp
             wait_port("127.0.0.1", port, proc, log)
             yield Endpoint(target, "127.0.0.1", port, proc.pid)
         return
-    if target == "router":
+    if target in ("router", "router-asyncio", "base"):
+        code = workdir / BASE_DIR if target == "base" else ROOT
+        if not (code / "orama_stealth").is_dir():
+            raise RuntimeError(f"target {target}: no code under {code}")
         metrics = free_port()
-        cfg = workdir / f"sni-router-{tag}.yaml"
+        cfg = workdir / f"sni-router-{target}-{tag}.yaml"
         cfg.write_text(router_config(port, metrics, free_port(), origin, fallback_port))
-        with running(router_argv(cfg), log) as proc:
+        env = router_env(code, "asyncio" if target == "router-asyncio" else None)
+        with running(router_argv(cfg, code), log, env) as proc:
             wait_port("127.0.0.1", port, proc, log)
             # Workers may still be binding after the first accept; the ready line means all are.
             if not wait_log(log, "event=ready", proc, 20.0) and proc.poll() is not None:
@@ -144,4 +170,4 @@ def start(target: str, origin: Origin, workdir: Path, tag: str) -> Iterator[Endp
             wait_port("127.0.0.1", port, proc, log)
             yield Endpoint(target, "127.0.0.1", port, proc.pid)
         return
-    raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    raise ValueError(f"unknown target {target!r}; expected one of {', '.join(ALL_TARGETS)}")

@@ -43,5 +43,5 @@ python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
 python3 -m pip download -q --disable-pip-version-check --dest build/wheelhouse \
   --only-binary=:all: --implementation cp --python-version 3.11 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  'pyyaml>=6' pip
+  'pyyaml>=6' 'uvloop>=0.19' pip
 echo "bootstrap: done ($(python3 --version), caddy $(caddy version | cut -d' ' -f1))"

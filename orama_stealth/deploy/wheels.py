@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gevent.lock
 
-RUNTIME_WHEELS = ("pyyaml", "pip")
+RUNTIME_WHEELS = ("pyyaml", "uvloop", "pip")
 BUILD_TIMEOUT = 300
 # Where built project wheels are cached (default <checkout>/build/deploy).
 CACHE_ENV = "ORAMA_STEALTH_WHEEL_CACHE"

@@ -81,3 +81,25 @@ def test_goals_compare_router_with_haproxy_medians() -> None:
     assert by_name["W2 requests/s"].met is False
     assert by_name["route pick, 10000 routes"].met is False
     assert by_name["W1 proxy CPU per new connection"].met is None
+
+
+@pytest.mark.slow
+def test_base_and_asyncio_targets_run_their_own_code(tmp_path: Path) -> None:
+    """`base` runs a commit's router extracted into the run's directory (HEAD here: always
+    there, even in a shallow clone), `router-asyncio` this checkout's on the stdlib loop."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--no-install", "--out", str(out),
+         "--targets", "base,router-asyncio", "--workloads", "w1_new_conns", "--base", "HEAD"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == []
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert result["versions"]["base_commit"] == head
+    assert "orama-bench-" in proc.stdout and "base-code" in proc.stdout
+    for t in ("base", "router-asyncio"):
+        figures = result["summary"]["w1_new_conns"][t]
+        assert figures["conns_per_s"] > 0 and figures["proxy_cpu_us_per_conn"] > 0, (t, figures)

@@ -1,8 +1,12 @@
-"""Fixtures shared by the router's acceptance tests."""
+"""Fixtures shared by the router's acceptance tests. Every test here runs the router once on
+each event loop it supports (ORAMA_LOOP, inherited by the router process)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from support.loops import LOOPS
 from support.tls_backends import Pki, make_pki
 
 
@@ -10,3 +14,12 @@ from support.tls_backends import Pki, make_pki
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A test CA and certificates for the backends' names, one per test module."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module", params=LOOPS, autouse=True)
+def event_loop_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Module-scoped, so a module's shared router (its `rt` fixture asks for this one) starts
+    once per loop and the module's tests run grouped by loop."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ORAMA_LOOP", str(request.param))
+        yield str(request.param)

@@ -26,7 +26,9 @@ def farm(pki: Pki) -> Iterator[dict[str, Backend]]:
 
 
 @pytest.fixture(scope="module")
-def rt(tmp_path_factory: pytest.TempPathFactory, farm: dict[str, Backend]) -> Iterator[Router]:
+def rt(
+    tmp_path_factory: pytest.TempPathFactory, farm: dict[str, Backend], event_loop_name: str
+) -> Iterator[Router]:
     routes = [
         ("cdn.example.test", ("turn", farm["turn"].addr)),
         ("hello.example.com", ("recorder", farm["recorder"].addr)),

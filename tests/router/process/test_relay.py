@@ -42,6 +42,7 @@ def rt(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     farm: dict[str, Backend],
+    event_loop_name: str,
 ) -> Iterator[Router]:
     routes: list[tuple[str, BackendSpec]] = [
         ("cdn.example.test", ("turn", farm["turn"].addr)),

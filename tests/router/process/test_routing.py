@@ -19,7 +19,9 @@ def farm(pki: Pki) -> Iterator[dict[str, Backend]]:
 
 
 @pytest.fixture(scope="module")
-def rt(tmp_path_factory: pytest.TempPathFactory, farm: dict[str, Backend]) -> Iterator[Router]:
+def rt(
+    tmp_path_factory: pytest.TempPathFactory, farm: dict[str, Backend], event_loop_name: str
+) -> Iterator[Router]:
     routes = [
         ("cdn.example.test", ("turn", farm["turn"].addr)),
         ("*.cdn.example.test", ("wild", farm["wild"].addr)),
@@ -168,3 +170,8 @@ def test_concurrent_clients_each_reach_their_own_backend(rt: Router, pki: Pki) -
     assert len(results) == len(jobs)
     for sni, backend, seen_sni in results:
         assert (backend, seen_sni) == (names[sni], sni)
+
+
+def test_ready_line_names_the_event_loop_it_runs(rt: Router, event_loop_name: str) -> None:
+    line = rt.wait_log("event=ready")
+    assert f" loop={event_loop_name} " in line

@@ -355,6 +355,9 @@ def test_per_ip_cap_across_workers_and_worker_restart_frees_slots(tmp_path: Path
                 for _ in range(3):
                     s = socket.create_connection((LOOPBACK, port), timeout=10)
                     with s:
+                        # A first byte, or TCP_DEFER_ACCEPT holds the connection in the kernel
+                        # (about 7 s here) before the router ever sees it to refuse it.
+                        s.sendall(b"z\n")
                         assert closed_by_peer(s)
                 text = r.wait_log("Connection limit reached")
                 assert re.search(r"event=conn_limit .*limit=per_ip", text)
