@@ -141,8 +141,9 @@ class Router:
             return default
         raise AssertionError(f"metric {full} not exported; have: {sorted(m)}")
 
-    def settled_metric(self, name: str, quiet: float = 1.5, timeout: float = 15.0) -> float:
-        """The value once it stops moving (workers publish counters about once a second)."""
+    def settled_metric(self, name: str, quiet: float = 0.75, timeout: float = 15.0) -> float:
+        """The value once it stops moving for three publishing periods (workers publish their
+        counters every 0.25 s)."""
         deadline = time.monotonic() + timeout
         last = self.metric(name, default=0.0)
         while time.monotonic() < deadline:
