@@ -228,11 +228,15 @@ def test_dial_gives_up_at_the_dial_timeout(loop_name: str, tmp_path: Path) -> No
         loop = asyncio.get_running_loop()
         async with rig(tmp_path, free_port(), backend_dial_timeout="300ms") as r:
             c, conn = await r.client()
+            started = loop.time()
             await loop.sock_sendall(c, client_hello("app.example.test"))
             await r.until(lambda: conn.phase is Phase.CLOSED, timeout=3)
+            assert loop.time() - started >= 0.25  # retried meanwhile, not given up at once
             assert r.worker.stats.dial_failures["app"] == 1
             line = next(ln for ln in r.log().splitlines() if "event=dial_failed" in ln)
-            assert "timeout after 0.3s" in line and "Connection refused" in line
+            # The deadline timer says "timeout after"; a retry that a busy loop runs past the
+            # deadline gives up with the refusal itself. Both name the cause.
+            assert "Connection refused" in line
             assert len(r.worker.ctx.registry) == 0
             c.close()
 
