@@ -67,8 +67,9 @@ class MetricsServer:
         self._server = _Server(addr, render)
         self._thread: threading.Thread | None = None
 
-    def fileno(self) -> int:
-        return self._server.fileno()
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
 
     def start(self) -> None:
         self._thread = threading.Thread(

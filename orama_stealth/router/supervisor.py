@@ -119,9 +119,8 @@ class Supervisor:
         self.sel.register(self._wake_r, selectors.EVENT_READ, "signal")
         for slot in self.slots:
             self._spawn(slot)
-        # After the first forks: no worker is ever forked while this thread is busy with a
-        # request it started before the fork (restarts fork with it running: it holds no lock
-        # a worker needs, see metrics_http).
+        # Started after the first forks; a restart later forks with it running, which is safe:
+        # it holds nothing a worker needs (see metrics_http).
         if self.metrics is not None:
             self.metrics.start()
 

@@ -73,3 +73,39 @@ def test_prometheus_text() -> None:
             assert re.fullmatch(r'[a-z_]+(\{[a-z_]+="(?:[^"\\]|\\.)*"\})? \d+', line), line
             family = line.split("{")[0].split(" ")[0]
             assert f"# TYPE {family} " in text
+
+
+def test_metrics_endpoint_serves_get_and_head_and_404s_the_rest() -> None:
+    import http.client
+
+    from orama_stealth.router.metrics_http import CONTENT_TYPE, MetricsServer
+
+    calls = []
+
+    def body() -> str:
+        calls.append(1)
+        return "orama_sni_router_workers 2\n"
+
+    server = MetricsServer(("127.0.0.1", 0), body)
+    server.start()
+    try:
+        port = server.port
+
+        def ask(method: str, path: str) -> tuple[int, str, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request(method, path)
+                resp = conn.getresponse()
+                return resp.status, resp.getheader("Content-Type", ""), resp.read()
+            finally:
+                conn.close()
+
+        assert ask("GET", "/metrics") == (200, CONTENT_TYPE, b"orama_sni_router_workers 2\n")
+        assert ask("GET", "/metrics?x=1")[0] == 200
+        status, _, data = ask("HEAD", "/metrics")
+        assert status == 200 and data == b""
+        assert ask("GET", "/")[0] == 404
+        assert ask("POST", "/metrics")[0] == 501
+        assert len(calls) == 3  # rendered for the two GETs and the HEAD only
+    finally:
+        server.stop()
