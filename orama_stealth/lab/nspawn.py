@@ -14,6 +14,40 @@ class NspawnError(RuntimeError):
     pass
 
 
+# Hierarchies a container's systemd manages (hybrid v1 + v2 here, or v2 alone elsewhere).
+_CGROUP_MOUNTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"),
+                  Path("/sys/fs/cgroup"))
+_CGROUP_PARENT = "orama-lab"
+
+
+def _cgroup_dirs(machine: str) -> list[Path]:
+    return [m / _CGROUP_PARENT / machine for m in _CGROUP_MOUNTS
+            if (m / "cgroup.procs").exists()]
+
+
+def _own_cgroup(machine: str) -> list[Path]:
+    """A cgroup of the node's own in every hierarchy. Without one, every node started by the
+    same process shares its cgroup, so their systemds build one /system.slice/caddy.service
+    between them, and one node stopping Caddy kills another's (status=219/CGROUP)."""
+    dirs = _cgroup_dirs(machine)
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def release_cgroup(machine: str) -> None:
+    """Remove the node's cgroups once its processes are gone (deepest first; a busy one stays)."""
+    for top in _cgroup_dirs(machine):
+        if not top.is_dir():
+            continue
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()),
+                        key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
+
 def boot(root: Path, machine: str, netns_path: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start `systemd-nspawn --boot` detached from our terminal and session.
 
@@ -29,10 +63,17 @@ def boot(root: Path, machine: str, netns_path: Path, log: Path) -> subprocess.Po
         "--capability=CAP_NET_ADMIN",
         "--register=no", "--keep-unit", "--link-journal=no", "--console=passive",
     ]
+    cgroups = [str(d / "cgroup.procs") for d in _own_cgroup(machine)]
+
+    def enter_cgroups() -> None:  # runs in the child, before exec
+        for procs in cgroups:
+            with open(procs, "w") as fh:
+                fh.write(str(os.getpid()))
+
     with open(log, "ab") as out:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=enter_cgroups,
         )
 
 
@@ -89,6 +130,7 @@ def stop(pid: int, machine: str, timeout: float = 30.0) -> str:
     while time.monotonic() < deadline:
         _reap(pid)
         if not is_ours(pid, machine):
+            release_cgroup(machine)
             return "halted"
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
@@ -97,6 +139,7 @@ def stop(pid: int, machine: str, timeout: float = 30.0) -> str:
     while time.monotonic() < deadline:
         _reap(pid)
         if not is_ours(pid, machine):
+            release_cgroup(machine)
             return "killed"
         time.sleep(0.05)
     raise NspawnError(f"systemd-nspawn pid {pid} for {machine} survived SIGKILL")
