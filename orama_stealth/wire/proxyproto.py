@@ -137,6 +137,9 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
         if b"\n" in data[:V1_MAX] or b"\r" in data[: len(data) - 1]:
             raise ProxyProtocolError("PROXY v1 line has a bare CR or LF")
         return None
+    if b"\n" in data[:end] or b"\r" in data[:end]:
+        # Refused here too, or the verdict would depend on where the bytes were cut.
+        raise ProxyProtocolError("PROXY v1 line has a bare CR or LF")
     try:
         line = bytes(data[:end]).decode("ascii")
     except UnicodeDecodeError:
@@ -160,6 +163,9 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
 
 
 def _v1_ip(text: str, version: int, which: str) -> str:
+    # A header carries no scope id; one would let any printable or control byte through.
+    if "%" in text:
+        raise ProxyProtocolError(f"PROXY v1 {which} address {text!r} has a scope id")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:

@@ -153,6 +153,10 @@ def test_v2_tlvs_are_skipped() -> None:
         b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",  # leading zero
         b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
         b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",  # bare LF
+        b"PROXY UNKNOWN \n\r\n",  # bare LF before the CRLF, even after UNKNOWN (fuzzing)
+        b"PROXY UNKNOWN \r\r\n",  # bare CR likewise
+        b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",  # scope id (fuzzing)
+        b"PROXY TCP6 ::1 fe80::1%\x1b[31m 1 2\r\n",  # a scope id would carry control bytes
         b"PROXY " + b"x" * 120,  # no CRLF within 107 bytes
         SIG + b"\x11\x11\x00\x0c" + b"\x00" * 12,  # version 1 nibble in a v2 header
         SIG + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2
@@ -163,6 +167,14 @@ def test_v2_tlvs_are_skipped() -> None:
 def test_parse_refuses(data: bytes) -> None:
     with pytest.raises(ProxyProtocolError):
         parse(data)
+
+
+def test_v1_verdict_does_not_depend_on_where_the_bytes_end() -> None:
+    # Found by fuzzing: the prefix was refused for its bare LF, the whole line accepted.
+    data = b"PROXY UNKNOWN \n\r\n"
+    for cut in range(len(data) - 1, len(data) + 1):
+        with pytest.raises(ProxyProtocolError, match="bare CR or LF"):
+            parse(data[:cut])
 
 
 @settings(max_examples=400, deadline=None)
