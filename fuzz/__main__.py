@@ -57,8 +57,12 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", type=Path, help="directory new inputs are written to (kept)")
     p.add_argument("--artifacts", type=Path, default=ROOT / "build" / "fuzz" / "artifacts",
                    help="directory crashing inputs are written to (default build/fuzz/artifacts)")
-    p.add_argument("libfuzzer", nargs="*", help="extra libFuzzer flags, after --")
+    p.epilog = "Extra libFuzzer flags go after --, e.g. -- -max_total_time=600 -jobs=1."
+    extra: list[str] = []
+    if "--" in argv:
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     ns = p.parse_args(argv)
+    ns.libfuzzer = extra
     if ns.runs is None and ns.seconds is None and ns.minimize is None:
         ns.seconds = 60
     return ns
