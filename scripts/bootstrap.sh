@@ -37,6 +37,9 @@ fi
 (cd tests/browser && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+# The dev extra includes atheris (the fuzzer): check its native part loads, or the fuzz smoke
+# tests would fail later with a less clear message.
+python3 -c "import atheris" || { echo "bootstrap: atheris does not import" >&2; exit 1; }
 
 # The deploy installs the router on nodes from uploaded wheels (many nodes reach no package
 # index), so fetch the router's runtime wheels for the nodes' platform now, at install time.

@@ -1,0 +1,44 @@
+"""The fuzzing process itself: `python3 -m fuzz.run <target> <libFuzzer argv...>`.
+
+Started by `python3 -m fuzz`, which owns the directories; libFuzzer ends this process with
+exit() when the budget runs out or an input fails, so nothing here runs after `atheris.Fuzz()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+import atheris
+
+from fuzz.targets import TARGETS
+
+# The test of the smoke test: with this set to a target's name, that target fails on any input.
+BREAK_ENV = "ORAMA_FUZZ_BREAK"
+
+
+def load(target: str) -> Callable[[bytes], None]:
+    # Only the parser under test is instrumented: coverage of the harness and of the standard
+    # library would dilute the signal and slow every execution.
+    with atheris.instrument_imports(include=[TARGETS[target]]):
+        importlib.import_module(TARGETS[target])
+    check: Callable[[bytes], None] = importlib.import_module(f"fuzz.targets.{target}").check
+    if os.environ.get(BREAK_ENV) == target:
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError(f"{BREAK_ENV}={target}: deliberately broken harness")
+
+        return broken
+    return check
+
+
+def main() -> None:
+    target, flags = sys.argv[1], sys.argv[2:]
+    atheris.Setup([sys.argv[0], *flags], load(target))
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
