@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -36,7 +37,10 @@ def load(target: str) -> Callable[[bytes], None]:
 
 def main() -> None:
     target, flags = sys.argv[1], sys.argv[2:]
-    atheris.Setup([sys.argv[0], *flags], load(target))
+    # libFuzzer's merge (and -fork/-jobs) re-runs argv[0] through the shell with its own flags:
+    # give it the command line that starts this module again (the parent sets the directory).
+    argv0 = f"{shlex.quote(sys.executable)} -m fuzz.run {target}"
+    atheris.Setup([argv0, *flags], load(target))
     atheris.Fuzz()
 
 
