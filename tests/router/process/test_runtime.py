@@ -460,10 +460,11 @@ def test_listen_port_only_is_dual_stack(tmp_path: Path) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this build")
     with tag_server("fallback") as fb:
-        # A wildcard bind collides with the port on any address; other suites share this
-        # machine, so a taken port is retried with another one.
+        # A wildcard bind collides with the port on any address (a lab link's SSH client
+        # ports too), so the port is picked by a dual-stack wildcard bind like the router's;
+        # other suites share this machine, so a port taken meanwhile is retried.
         for attempt in range(5):
-            port = free_port()
+            port = free_port("::")
             text = config_yaml(port, fb.port).replace(f'"{LOOPBACK}:{port}"', f'":{port}"')
             try:
                 with router(tmp_path, text, port) as r:
