@@ -36,9 +36,6 @@ ops.record_state(name="5b. record cutover state")
 # tls_mode acme: the TURN server serves Caddy's certificate; renewals reach it by SIGUSR2.
 turncert.turn_certificate(name="5c. TURN server takes Caddy's certificate for the stealth name")
 certtruth.certificate_truth(name="5d. served certificate is Caddy's current one, not expiring")
-# tls_mode acme: the TURN server serves Caddy's certificate; renewals reach it by SIGUSR2.
-turncert.turn_certificate(name="5c. TURN server takes Caddy's certificate for the stealth name")
-certtruth.certificate_truth(name="5d. served certificate is Caddy's current one, not expiring")
 
 # 6. Optional: the gateway's stealth domain and its credentials ladder.
 ops.gateway(name="6. gateway stealth domain")
