@@ -19,14 +19,11 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from support import lab as lab_fixtures
+from support.deploylab import REPO, changed
 
 from orama_stealth.probe.turn_client import Allocation, TurnConnection, allocate
 from orama_stealth.wire import turn_auth
 
-lab_nodes = lab_fixtures.lab_nodes
-
-REPO = Path(__file__).resolve().parents[2]
 RENEWAL_LIMIT = 60.0
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -111,15 +108,6 @@ class AcmeLab:
         return {line.split('"')[3] for line in out.split()}
 
 
-@pytest.fixture(scope="module")
-def release_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(out), str(REPO)],
-                   check=True, timeout=300, capture_output=True)
-    return next(out.glob("orama_stealth-*.whl"))
-
-
 @pytest.fixture
 def acme_lab(lab_nodes: Any, tmp_path: Path, release_wheel: Path) -> AcmeLab:
     node = lab_nodes(acme=True)
@@ -127,15 +115,6 @@ def acme_lab(lab_nodes: Any, tmp_path: Path, release_wheel: Path) -> AcmeLab:
     path = tmp_path / "lab-status.json"
     path.write_text(json.dumps(status))
     return AcmeLab(node, status, path, release_wheel)
-
-
-def _changed(proc: subprocess.CompletedProcess[str]) -> int:
-    """The `Success` column of pyinfra's Grand total: operations that changed the node."""
-    for line in proc.stdout.splitlines():
-        if line.strip().startswith("Grand total"):
-            success = line.split()[3]
-            return 0 if success == "-" else int(success)
-    raise AssertionError(f"no results table in:\n{proc.stdout[-2000:]}")
 
 
 def _issuer(cert: x509.Certificate) -> str:
@@ -212,7 +191,7 @@ def test_acme_node_certificates_through_the_router(acme_lab: AcmeLab) -> None:
     assert lab.ssh("systemctl is-active orama-turn-cert.path orama-turn-cert.timer").split() \
         == ["active", "active"]
     rerun = lab.deploy("cutover")
-    assert rerun.returncode == 0 and _changed(rerun) == 0, rerun.stdout[-3000:]
+    assert rerun.returncode == 0 and changed(rerun) == 0, rerun.stdout[-3000:]
     perms = lab.ssh("stat -c '%U:%G %a' /etc/orama/turn-tls /etc/orama/turn-tls/cert.pem "
                     "/etc/orama/turn-tls/key.pem").split()
     assert perms == ["root:turnserver", "750", "root:turnserver", "640",

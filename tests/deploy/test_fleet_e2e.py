@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import lab as lab_fixtures
+from support.deploylab import REPO
 
-lab_fleet = lab_fixtures.lab_fleet
-
-REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 240  # far above a run's 10-40 s: reaching it means the run hung
 BROKEN = ("Traceback", "Unexpected exception", "unexpected internal", "Oops, unhandled type")
 
