@@ -130,6 +130,10 @@ def _parse_sni(buf: bytes, p: int, end: int) -> str:
         name = name[:-1]
     if not name:
         raise Malformed("server_name host_name is only a dot")
+    # One trailing dot is the absolute form of a name; any other empty label ("a..b", ".a",
+    # "a..") names no host, and would leave a dot for route matching to stumble on.
+    if "" in name.split("."):
+        raise Malformed(f"server_name host_name has an empty label: {name[:64]!r}")
     return name
 
 

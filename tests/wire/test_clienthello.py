@@ -157,6 +157,9 @@ def _bad(hs: bytes, **kw: int) -> None:
         [sni_ext(b"a.example", b"b.example")],  # two host_names
         [sni_ext(b"")],  # empty host_name
         [sni_ext(b".")],  # only a dot
+        [sni_ext(b"hello.example..")],  # one dot stripped, an empty label left (fuzzer find)
+        [sni_ext(b"a..example")],
+        [sni_ext(b".example")],
         [sni_ext(b"bad name.example")],  # space could forge log fields
         [sni_ext(b"x\x00.example")],
         [sni_ext(b"a" * 256)],
