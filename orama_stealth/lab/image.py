@@ -26,7 +26,7 @@ PACKAGES: tuple[str, ...] = (
     "systemd", "systemd-sysv", "dbus", "openssh-server",
     "python3", "python3-venv",
     "caddy", "coturn",
-    "iproute2", "ca-certificates", "procps", "curl", "openssl", "sudo", "less",
+    "iproute2", "nftables", "ca-certificates", "procps", "curl", "openssl", "sudo", "less",
 )
 # Only things every node shares go into the image; per-node files (keys, certificates,
 # hostname, configs) are written into each boot's overlay.

@@ -50,6 +50,9 @@ def preflight_problems(s: NodeSettings, snap: Snapshot) -> list[str]:
         others = snap.owners(port) - {"caddy"}
         if others:
             problems.append(f"port {port} (Caddy's new port) is taken by {', '.join(others)}")
+    if not snap.nft:
+        problems.append("nft is not installed (apt-get install nftables): the switch redirects "
+                        "new connections with it so none is refused while :443/:80 change hands")
     if s.proxy_protocol and not snap.caddy_proxy_protocol:
         problems.append("proxy_protocol is enabled in the inventory but this node's Caddy has no "
                         "caddy.listeners.proxy_protocol module (caddy list-modules); use a Caddy "
