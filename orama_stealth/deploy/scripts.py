@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 
-from orama_stealth.deploy import layout, source_routing
+from orama_stealth.deploy import handover, layout, source_routing
 
 UNIT = layout.ROUTER_UNIT_NAME
 SOCKETS = " ".join(layout.SOCKET_UNIT_NAMES)
@@ -65,28 +65,73 @@ def install_checked(staged: str, dest: str, check: str, then: str = "") -> str:
     ])
 
 
-SWITCH = (
-    # One command: the socket units bind :443/:80 the moment Caddy has let go of them, so
-    # clients wait in the backlog while the router starts instead of being refused.
-    f"systemctl daemon-reload && systemctl enable -q {ALL_UNITS} && "
-    f"systemctl stop caddy.service && systemctl start {SOCKETS} && systemctl start {UNIT} && "
-    "systemctl start caddy.service"
-)
+def switch(https_to: int, http_to: int) -> str:
+    """Caddy on :443/:80 -> the router on :443/:80 with Caddy on https_to/http_to, every new
+    connection finding a listener: Caddy on both port pairs, the redirect to its new ports,
+    Caddy on its new ports only, the router started, the redirect removed (deploy/handover.py).
+
+    Without the staged handover files, or when Caddy refuses the JSON (admin API off), it
+    falls back to stopping Caddy and starting the router (a short refusal window)."""
+    caddy_gone = ("ss -ltnpH '( sport = :443 or sport = :80 )' | grep -q '\"caddy\"'")
+    return "\n".join([
+        "set -u",
+        f"trap '{handover.delete_table()}; rm -f {handover.DUAL_JSON} {handover.REDIRECT_RULES}'"
+        " EXIT",
+        f"systemctl daemon-reload && systemctl enable -q {ALL_UNITS} || exit 1",
+        f"if [ -s {handover.DUAL_JSON} ] && [ -s {handover.REDIRECT_RULES} ] && "
+        f"{handover.caddy_reload_json()}; then",
+        # Caddy on both port pairs keeps serving :443 if the redirect cannot be loaded.
+        f"  {{ {handover.add_redirect()}; }} || exit 1",
+        # Caddy lets go of :443/:80; new connections are redirected to its new ports meanwhile.
+        "  systemctl reload caddy.service || exit 1",
+        f"  for i in $(seq 1 50); do {caddy_gone} || break; sleep 0.1; done",
+        f"  if ! {{ systemctl start {SOCKETS} && systemctl start {UNIT}; }}; then",
+        # Caddy takes :443/:80 back: a failed start leaves the node serving :443.
+        f"    systemctl stop {ALL_UNITS}; {handover.caddy_reload_json()}; exit 1",
+        "  fi",
+        f"  {handover.remove_redirect(https_to, http_to)}",
+        "else",
+        f"  {handover.delete_table()}",
+        # The socket units bind :443/:80 the moment Caddy has let go of them, so clients wait
+        # in the backlog while the router starts instead of being refused.
+        f"  systemctl stop caddy.service && systemctl start {SOCKETS} && "
+        f"systemctl start {UNIT} || exit 1",
+        "fi",
+        "systemctl start caddy.service",
+    ])
 
 
-def rollback(caddyfile: str, state_json: str) -> str:
+# Caddy started under the drop-in of earlier releases lacks the capability: it cannot bind
+# :443/:80 by a reload, so the rollback restarts it instead.
+CADDY_CAN_BIND = ("{ c=$(awk '/^CapEff/ {print $2}' /proc/$(systemctl show -P MainPID "
+                  "caddy.service)/status 2>/dev/null); [ -n \"$c\" ] && "
+                  "[ $(( 0x$c & 0x400 )) -ne 0 ]; }")
+
+
+def caddy_on(port: int) -> str:
+    """Shell test: Caddy listens on `port`."""
+    return f"ss -ltnpH 'sport = :{port}' | grep -q '\"caddy\"'"
+
+
+def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
+             http_from: int = 8080) -> str:
     """From any state (half-done cutover included): router stopped, disabled and its unit gone,
     Caddy's files restored from the pre-cutover backup (or managed blocks stripped when there
-    is none), Caddy restarted with its own capabilities on :443/:80.
+    is none), Caddy on :443/:80 again, no redirect table left.
     The router config stays: it holds operator routes the next cutover keeps.
 
-    Caddy is restarted as soon as the router has let go of :443/:80, not after the router's
-    drain: draining can take `drain_timeout`, and :443 would refuse connections all along."""
+    With the staged handover files and Caddy on https_from/http_from, every new connection
+    finds a listener: redirect to Caddy's ports, router stopped, Caddy on both port pairs,
+    redirect removed, Caddy reloaded with the restored Caddyfile. Otherwise Caddy is
+    restarted as soon as the router has let go of :443/:80, not after the router's drain:
+    draining can take `drain_timeout`, and :443 would refuse connections all along."""
     cf = shlex.quote(caddyfile)
     p = layout.BACKUP_POINTER
     held = "ss -ltnH '( sport = :443 or sport = :80 )' | grep -q ."
     lines = [
         "set -u",
+        f"trap '{handover.delete_table()}; rm -f {handover.DUAL_JSON} {handover.REDIRECT_RULES} "
+        f"{handover.RESTORED_CADDYFILE}' EXIT",
         f"systemctl disable -q {ALL_UNITS} 2>/dev/null || true",
         f"if [ -d {p}/ ]; then",
     ]
@@ -108,12 +153,37 @@ def rollback(caddyfile: str, state_json: str) -> str:
         f"rmdir --ignore-fail-on-non-empty {shlex.quote(layout.CADDY_DROPIN.rsplit('/', 1)[0])}"
         " 2>/dev/null",
         "systemctl daemon-reload",
-        # A stop job (not a kill): Restart=always must not bring the router back.
+        # The router (or a socket unit) holds :443/:80: while it lets go, new connections are
+        # redirected to Caddy's current ports (deploy/handover.py).
+        "handed=0",
         f"if systemctl is-active -q {ALL_UNITS}; then",
+        f"  if [ -s {handover.DUAL_JSON} ] && [ -s {handover.REDIRECT_RULES} ] && "
+        f"{caddy_on(https_from)} && {caddy_on(http_from)} && {CADDY_CAN_BIND} && "
+        f"{{ {handover.add_redirect()}; }}; then handed=1; fi",
+        # A stop job (not a kill): Restart=always must not bring the router back.
         f"  systemctl stop --no-block {ALL_UNITS}",
         f"  for i in $(seq 1 100); do {held} || break; sleep 0.1; done",
         "fi",
-        "systemctl restart caddy.service || exit 1",
+        'if [ "$handed" = 1 ]; then',
+        # Caddy binds :443/:80 beside its current ports (the drop-in kept its capability),
+        # then, with the redirect gone, lets go of its current ports.
+        "  ok=0",
+        f"  for i in $(seq 1 30); do {handover.caddy_reload_json()} && {{ ok=1; break; }}; "
+        "sleep 0.1; done",
+        '  if [ "$ok" = 1 ]; then',
+        f"    {handover.remove_redirect(https_from, http_from)}",
+        "    systemctl reload caddy.service || systemctl restart caddy.service || exit 1",
+        "  else",
+        f"    {handover.delete_table()}",
+        "    systemctl restart caddy.service || exit 1",
+        "  fi",
+        f"elif {caddy_on(443)} && {caddy_on(80)}; then",
+        # The cutover never switched: Caddy still has :443/:80 and reloads its restored files.
+        "  systemctl reload caddy.service || systemctl restart caddy.service || exit 1",
+        "else",
+        f"  {handover.delete_table()}",
+        "  systemctl restart caddy.service || exit 1",
+        "fi",
         # Caddy's restart closed every relayed connection to it; give the drain a few seconds
         # for the rest, then end it (the pending stop job keeps Restart=always from acting).
         f"for i in $(seq 1 50); do systemctl is-active -q {UNIT} || break; sleep 0.1; done",

@@ -17,7 +17,11 @@ from orama_stealth.deploy.ops.common import (
     snapshot,
     stage,
 )
+from orama_stealth.deploy.ops.handover import stage_for_cutover
 from orama_stealth.deploy.ops.preflight import AS_CADDY
+
+# Two Caddy reloads, the router's start and the wait for redirected connections to finish.
+SWITCH_TIMEOUT = 180
 
 
 @operation()
@@ -43,13 +47,16 @@ def caddy_config() -> Commands:
 @operation()
 @guarded
 def switch() -> Commands:
-    """daemon-reload, stop Caddy, start the router, start Caddy: one remote command."""
+    """Caddy on both port pairs, new connections redirected to its new ports, Caddy on its new
+    ports only, the router started, the redirect removed: one remote command."""
     if executing():
         runlog.pause_here("switch")
         runlog.verdict(runlog.HALF_WAY, "switched to the router, not verified: run "
                        "deploys/rollback.py or the cutover again")
     s = settings()
     if not snapshot(s).cut_over:
-        yield sh(scripts.SWITCH)
+        if executing():
+            stage_for_cutover()
+        yield sh(scripts.switch(s.caddy_https_port, s.caddy_http_port), timeout=SWITCH_TIMEOUT)
     else:
         host.noop("the router already owns :443/:80 with Caddy behind it")

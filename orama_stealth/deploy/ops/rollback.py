@@ -17,6 +17,7 @@ from orama_stealth.deploy.ops.common import (
     sh,
     snapshot,
 )
+from orama_stealth.deploy.ops.handover import stage_for_rollback
 from orama_stealth.deploy.ops.verify import ROLLBACK_TIMEOUT, report, state_json
 from orama_stealth.deploy.verify import caddy_probes
 
@@ -34,8 +35,10 @@ def rollback() -> Commands:
         return
     if executing():
         runlog.verdict(runlog.CADDY, "rolled back")
+        stage_for_rollback()
     yield sh(scripts.rollback(s.caddyfile, state_json("rolled-back", s, time.time(),
-                                                      snap.installed)),
+                                                      snap.installed),
+                              s.caddy_https_port, s.caddy_http_port),
              timeout=ROLLBACK_TIMEOUT)
 
 

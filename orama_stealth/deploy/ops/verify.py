@@ -23,6 +23,7 @@ from orama_stealth.deploy.ops.common import (
     sh,
     snapshot,
 )
+from orama_stealth.deploy.ops.handover import stage_for_rollback
 from orama_stealth.deploy.settings import NodeSettings
 from orama_stealth.deploy.verify import Outcome, caddy_probes, cutover_probes
 
@@ -59,8 +60,10 @@ def verify_or_rollback() -> Commands:
         return
     names = ", ".join(o.probe for o in failed)
     say(f"verify failed ({names}): rolling back", error=True)
+    stage_for_rollback()
     ok, out = run(scripts.rollback(s.caddyfile, state_json("rolled-back", s, time.time(),
-                                                           snap.installed)),
+                                                           snap.installed),
+                                   s.caddy_https_port, s.caddy_http_port),
                   timeout=ROLLBACK_TIMEOUT)
     after = report(caddy_probes(s))
     status = "Caddy serves :443 again" if ok and not after else f"ROLLBACK INCOMPLETE: {out}"
