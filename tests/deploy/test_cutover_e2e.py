@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from support.deploylab import REPO, Lab, changed
+
+from orama_stealth.lab.clientloop import ClientLoop
 
 OPERATOR_ROUTE = ('  - match: "shop.example.net"\n'
                   '    backend: {name: shop, addr: "127.0.0.1:9000"}\n')
@@ -27,66 +25,34 @@ TURN_TLS_LISTENING = ("for i in $(seq 1 100); do ss -ltnH 'sport = :5349' | grep
                       "break; sleep 0.1; done")
 
 
-@dataclass
-class HttpsLoop:
-    """HTTPS requests through :443 (new connection each) in a thread, bounded in count and
-    time; records how many failed and the longest stretch from a failure to the next success."""
+def measured(lab: Lab, deploy: str) -> subprocess.CompletedProcess[str]:
+    """Run a deploy while a client opens a new TLS connection to :443 every 5 ms and holds
+    five keep-alive ones: no connect may fail, no handshake may take over 500 ms."""
+    with ClientLoop(lab.address, 443, lab.base, str(lab.status["ca_file"]), interval=0.005,
+                    long_lived=5) as loop:
+        proc = lab.deploy(deploy)
+        time.sleep(0.3)
+        held = loop.check_long_lived()
+    summary = loop.summary()
+    # Caddy's reload closes its idle keep-alive connections, so the long-lived ones end.
+    print(f"FIGURES {deploy}: {summary.line()} long_lived={held}")
+    assert proc.returncode == 0
+    assert summary.attempts > 500, summary.line()
+    assert summary.failed == 0, summary.line()
+    assert summary.slowest_handshake < 0.5, summary.line()
+    return proc
 
-    address: str
-    sni: str
-    ca_file: str
-    max_requests: int = 4000
-    max_seconds: float = 150.0
-    results: list[tuple[float, bool]] = field(default_factory=list)
-    slowest: float = 0.0
 
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ctx = ssl.create_default_context(cafile=self.ca_file)
-
-    def _one(self) -> bool:
-        try:
-            with socket.create_connection((self.address, 443), timeout=2) as raw, \
-                    self._ctx.wrap_socket(raw, server_hostname=self.sni) as tls:
-                tls.sendall(f"GET / HTTP/1.1\r\nHost: {self.sni}\r\nConnection: close\r\n\r\n"
-                            .encode())
-                return tls.recv(64).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        while (not self._stop.is_set() and len(self.results) < self.max_requests
-               and time.monotonic() < deadline):
-            started = time.monotonic()
-            ok = self._one()
-            self.slowest = max(self.slowest, time.monotonic() - started)
-            self.results.append((started, ok))
-            time.sleep(0.02)
-
-    def __enter__(self) -> HttpsLoop:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def summary(self) -> tuple[int, int, float]:
-        failed = sum(1 for _, ok in self.results if not ok)
-        longest, start = 0.0, None
-        for t, ok in self.results:
-            if not ok and start is None:
-                start = t
-            elif ok and start is not None:
-                longest, start = max(longest, t - start), None
-        if start is not None:
-            longest = max(longest, self.results[-1][0] - start)
-        return len(self.results), failed, longest
+def assert_nothing_of_the_handover(lab: Lab) -> None:
+    assert "orama_stealth_handover" not in lab.ssh("nft list tables")
+    left = lab.node.ssh("ls /var/lib/orama-stealth/staging/caddy-handover.json "
+                        "/var/lib/orama-stealth/staging/handover.nft "
+                        "/var/lib/orama-stealth/staging/Caddyfile.restored")
+    assert left.returncode != 0 and not left.stdout.strip(), left.stdout
 
 
 def assert_cut_over(lab: Lab) -> None:
+    assert_nothing_of_the_handover(lab)
     ports = lab.listeners()
     assert "caddy" not in ports.get(443, set()) and ports.get(443), ports
     # The socket unit's descriptor shows up as held by systemd too.
@@ -137,6 +103,9 @@ def assert_before_state(lab: Lab) -> None:
                         "ls /etc/systemd/system/ | grep orama-sni-router")
     assert set(gone.stdout.split()) <= {"inactive", "unknown"} and gone.returncode != 0
     assert "orama-stealth managed" not in lab.ssh("cat /etc/caddy/Caddyfile")
+    assert lab.node.ssh("test -e /etc/systemd/system/caddy.service.d/orama-stealth.conf"
+                        ).returncode != 0
+    assert_nothing_of_the_handover(lab)
     assert "cap_net_bind_service" in lab.ssh("systemctl show -P AmbientCapabilities caddy").lower()
     report = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
     assert report["ok"], report
@@ -172,12 +141,7 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     assert refused.returncode != 0 and "is not cut over" in refused.stdout
     assert "caddy" in lab.listeners()[443]
 
-    with HttpsLoop(lab.address, lab.base, str(lab.status["ca_file"])) as loop:
-        first = lab.deploy("cutover")
-    assert first.returncode == 0
-    total, failed, window = loop.summary()
-    print(f"FIGURES cutover: {total} HTTPS requests through :443, {failed} failed, "
-          f"longest refusal window {window:.3f}s, slowest request {loop.slowest:.3f}s")
+    measured(lab, "cutover")
     assert_cut_over(lab)
     assert_compare_report(lab)
     state = json.loads(lab.ssh("cat /var/lib/orama-stealth/state.json"))
@@ -206,12 +170,7 @@ def test_cutover_rerun_canary_operator_route_and_rollback(lab: Lab) -> None:
     assert "shop.example.net" in check
     assert changed(lab.deploy("cutover")) == 0
 
-    with HttpsLoop(lab.address, lab.base, str(lab.status["ca_file"])) as loop:
-        back = lab.deploy("rollback")
-    assert back.returncode == 0
-    total, failed, window = loop.summary()
-    print(f"FIGURES rollback: {total} HTTPS requests through :443, {failed} failed, "
-          f"longest refusal window {window:.3f}s, slowest request {loop.slowest:.3f}s")
+    measured(lab, "rollback")
     assert_before_state(lab)
     twice = lab.deploy("rollback")
     assert twice.returncode == 0 and changed(twice) == 0
