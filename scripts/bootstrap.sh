@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   coturn            # the TURN server the probes and the lab talk to
+  nftables          # tests/deploy: the handover's redirect rules checked with nft -c
   haproxy wrk nginx-light   # benchmark baseline, load generator, TLS origin
   systemd-container mmdebstrap iproute2 openssh-client   # the lab node
   pebble            # the lab's ACME CA (with pebble-challtestsrv for its DNS answers)
