@@ -105,9 +105,18 @@ class LocalAdmission:
 class SharedTable:
     """The shared-memory table; create it in the supervisor before forking workers."""
 
-    def __init__(self, max_total: int, workers: int) -> None:
+    def __init__(self, max_total: int, workers: int, fd: int | None = None) -> None:
+        """A new table, or (`fd`) the memfd of an existing one, handed over across an exec."""
         self.workers = workers
-        self.capacity = table_capacity(max_total)
+        if fd is not None:
+            head = mmap.mmap(fd, _HEADER.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            magic, _tracked, capacity = _HEADER.unpack_from(head, 0)
+            head.close()
+            if magic != _MAGIC:
+                raise ValueError("not an admission table")
+            self.capacity = int(capacity)
+        else:
+            self.capacity = table_capacity(max_total)
         self.mask = self.capacity - 1
         # Per slot: address, total count, then one count per worker.
         self.slot = struct.Struct(f"={_KEY}sI{workers}I")
@@ -116,11 +125,30 @@ class SharedTable:
         self.totals_off = 64
         self.table_off = self.totals_off + 8 * workers
         size = self.table_off + self.capacity * self.slot.size
-        self.fd = os.memfd_create("orama-sni-admission", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        _HEADER.pack_into(self.mm, 0, _MAGIC, 0, self.capacity)
+        if fd is None:
+            fd = os.memfd_create("orama-sni-admission", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            self.fd = fd
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            _HEADER.pack_into(self.mm, 0, _MAGIC, 0, self.capacity)
+        else:
+            self.fd = fd
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.counts = memoryview(self.mm)[self.totals_off : self.table_off].cast("Q")
+
+    def forget(self, index: int) -> None:
+        """A worker of a draining generation exited: drop its global count only.
+
+        Unlike `reap`, the per-address slots are left alone: they are placed by a hash whose
+        seed is the generation's own (the supervisor that created the table may have been
+        replaced since), and nobody admits into a draining generation's table anyway.
+        """
+        self.counts[index] = 0
+
+    def close(self) -> None:
+        self.counts.release()
+        self.mm.close()
+        os.close(self.fd)
 
     def lock(self) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_EX)

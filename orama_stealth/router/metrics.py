@@ -71,12 +71,19 @@ class Stats:
 class StatsRegion:
     """One fixed-size slot per worker in a shared mapping created before the fork."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, fd: int | None = None) -> None:
+        """A new region, or (`fd`) the memfd of an existing one, handed over across an exec."""
         self.workers = workers
         size = SLOT_SIZE * workers
-        self.fd = os.memfd_create("orama-sni-stats", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        if fd is None:
+            fd = os.memfd_create("orama-sni-stats", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
 
     def publish(self, index: int, snap: dict[str, object]) -> None:
         data = json.dumps(snap, separators=(",", ":")).encode()
@@ -145,8 +152,10 @@ def _int(snap: dict[str, object], key: str) -> int:
     return value if isinstance(value, int) else 0
 
 
-def render(snap: dict[str, object], gauges: dict[str, int]) -> str:
-    """Prometheus text exposition format 0.0.4."""
+def render(
+    snap: dict[str, object], gauges: dict[str, int], info: dict[str, str] | None = None
+) -> str:
+    """Prometheus text exposition format 0.0.4. `info`: the build_info labels."""
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> str:
@@ -206,6 +215,12 @@ def render(snap: dict[str, object], gauges: dict[str, int]) -> str:
         kind = "counter" if name.endswith("_total") else "gauge"
         full = family(name, kind, _GAUGE_HELP.get(name, name.replace("_", " ") + "."))
         lines.append(f"{full} {value}")
+    if info is not None:
+        full = family(
+            "build_info", "gauge", "The running build: package version and source fingerprint."
+        )
+        labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())
+        lines.append(f"{full}{{{labels}}} 1")
     return "\n".join(lines) + "\n"
 
 
@@ -215,4 +230,7 @@ _GAUGE_HELP = {
     "worker_restarts_total": "Workers restarted after dying.",
     "reloads_total": "Configuration reloads applied.",
     "reload_failures_total": "Configuration reloads rejected (old table kept).",
+    "upgrades_total": "Upgrades to a new build applied on reload (same PID, re-executed).",
+    "upgrade_failures_total": "Upgrades refused (the new build failed its check; old code kept).",
+    "draining_workers": "Workers of an older build still finishing their connections.",
 }

@@ -19,10 +19,20 @@ CLIENT_TIMEOUT = 5.0
 
 
 class _Server(HTTPServer):
-    def __init__(self, addr: tuple[str, int], render: Callable[[], str]) -> None:
+    def __init__(
+        self, addr: tuple[str, int], render: Callable[[], str],
+        sock: socket.socket | None = None,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self.render = render
-        super().__init__(addr, _Handler)
+        super().__init__(addr, _Handler, bind_and_activate=sock is None)
+        if sock is not None:
+            # Handed over across an exec, already listening: whatever queued meanwhile is
+            # answered now instead of refused.
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()[:2]
+            self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
     def server_bind(self) -> None:
         # HTTPServer's own server_bind looks up the host's FQDN, a name lookup nobody needs.
@@ -62,10 +72,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer:
-    def __init__(self, addr: tuple[str, int], render: Callable[[], str]) -> None:
-        """Binds at once (so a busy port fails the start); serves once `start()` is called."""
-        self._server = _Server(addr, render)
+    def __init__(
+        self, addr: tuple[str, int], render: Callable[[], str],
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Binds at once (so a busy port fails the start), or takes `sock`, a listening socket
+        handed over by the previous image; serves once `start()` is called."""
+        self._server = _Server(addr, render, sock)
         self._thread: threading.Thread | None = None
+
+    def fileno(self) -> int:
+        return self._server.socket.fileno()
+
+    def pause(self) -> None:
+        """Stop the thread, keep the listening socket (for a handover; `start()` resumes)."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
 
     @property
     def port(self) -> int:
