@@ -24,7 +24,9 @@ EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
-RELOAD_TIMEOUT = 90.0
+# Below systemd's own bound on ExecReload (TimeoutStartSec, 90 s by default), so the reason
+# is printed by us rather than replaced by systemd's time-out.
+RELOAD_TIMEOUT = 80.0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -445,15 +445,15 @@ class Supervisor:
         return out
 
     def _reap(self) -> None:
-        for pid, status in self._exited():
+        for pid, wstatus in self._exited():
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
-                self._retire_old(pid, status)
+                self._retire_old(pid, wstatus)
                 continue
             self._retire(slot)
             if self.stopping:
                 continue
-            code = os.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(wstatus)
             self.counters.restarts += 1
             now = time.monotonic()
             # A worker that dies right after starting is crash-looping: slow the restarts down.

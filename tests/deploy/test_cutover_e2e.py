@@ -277,3 +277,47 @@ def test_real_address_mode_the_turn_server_sees_the_client(lab: Lab) -> None:
     assert back.returncode == 0
     assert "4052" not in lab.ssh("ip rule show")
     assert_before_state(lab)
+
+
+def test_reload_upgrades_the_router_in_place_and_refuses_a_broken_build(lab: Lab) -> None:
+    """A new build installed under the running router takes effect on `systemctl reload`:
+    same MainPID, the socket units' descriptors kept, no HTTPS request through :443 failing;
+    a build that cannot import makes the reload fail and the old build serves on."""
+    assert lab.deploy("cutover").returncode == 0
+    bin_dir = "/opt/orama/bin"
+    pkg = lab.ssh(f"{bin_dir}/python3 -c 'import orama_stealth, os; "
+                  "print(os.path.dirname(orama_stealth.__file__))'").strip()
+    pid = lab.ssh("systemctl show -P MainPID orama-sni-router").strip()
+    before = lab.ssh(f"{bin_dir}/orama-sni-router --version").strip()
+    with HttpsLoop(lab.address, lab.base, str(lab.status["ca_file"])) as loop:
+        time.sleep(1)
+        lab.ssh(f"echo '# rebuilt' >> {pkg}/router/routes.py && "
+                "systemctl reload orama-sni-router")
+        time.sleep(1)
+    total, failed, window = loop.summary()
+    print(f"FIGURES upgrade: {total} HTTPS requests through :443, {failed} failed, "
+          f"longest refusal window {window:.3f}s, slowest request {loop.slowest:.3f}s")
+    assert failed == 0 and total > 20
+    after = lab.ssh(f"{bin_dir}/orama-sni-router --version").strip()
+    assert after != before
+    build = after.split()[-1]
+    assert lab.ssh("systemctl show -P MainPID orama-sni-router").strip() == pid
+    assert lab.ssh("systemctl is-active orama-sni-router").strip() == "active"
+    status = json.loads(lab.ssh("cat /run/orama-sni-router/status.json"))
+    assert status["ok"] is True and status["build"] == build and str(status["pid"]) == pid
+    journal = lab.ssh("journalctl -u orama-sni-router --no-pager -o cat")
+    assert "event=upgraded" in journal and f"build={build}" in journal, journal[-3000:]
+    assert "how=inherited" in journal
+    assert_cut_over(lab)
+
+    broken = lab.node.ssh(f"echo 'def broken(:' >> {pkg}/router/worker.py && "
+                          "systemctl reload orama-sni-router")
+    assert broken.returncode != 0
+    journal = lab.ssh("journalctl -u orama-sni-router --no-pager -o cat")
+    assert "event=upgrade_failed" in journal and "SyntaxError" in journal, journal[-3000:]
+    assert "reload failed: upgrade failed: SyntaxError" in journal, journal[-3000:]
+    assert lab.ssh("systemctl show -P MainPID orama-sni-router").strip() == pid
+    assert lab.ssh("systemctl is-active orama-sni-router").strip() == "active"
+    status = json.loads(lab.ssh("cat /run/orama-sni-router/status.json"))
+    assert status["ok"] is False and status["build"] == build
+    assert_cut_over(lab)

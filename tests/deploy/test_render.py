@@ -206,7 +206,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, certs: tuple[str, str
     for directive in ("Type=notify", "DynamicUser=yes", "NoNewPrivileges=yes",
                       "AmbientCapabilities=CAP_NET_BIND_SERVICE", "Before=caddy.service",
                       "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ProtectSystem=strict",
-                      "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always",
+                      f"ExecReload={ROUTER} reload --config {config}",
+                      "RuntimeDirectory=orama-sni-router", "Restart=always",
                       "SystemCallFilter=@system-service"):
         assert directive in unit.splitlines()
     sockets = {f: render.router_socket(f) for f in ("https", "http")}

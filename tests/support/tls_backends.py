@@ -8,6 +8,7 @@ backend a connection reached, under which SNI, and from which client address:
 - `SUM <m>\\n` -> read until the client shuts down writing, reply `sha256=<hex> n=<bytes>\\n`,
                  then stream `m` bytes of `pattern(m)`, close. Proves integrity and half-close.
 - `WAIT\\n`    -> say nothing until the client goes away (for idle and drain tests).
+- `ECHO\\n`    -> send back every byte until the client goes away (long-lived sessions).
 
 With `proxy=True` the backend first reads a PROXY v1/v2 header (orama_stealth.wire.proxyproto.parse)
 and reports the address it carries. TLS runs over a MemoryBIO so a client's TCP FIN never tears
@@ -321,6 +322,12 @@ class Backend:
         elif line == "WAIT":
             while chan.recv():
                 pass
+        elif line == "ECHO":
+            # A long-lived session: every byte comes back, until the client goes.
+            if rest:
+                chan.sendall(rest)
+            while data := chan.recv():
+                chan.sendall(data)
         chan.close()
 
     def wait_seen(self, count: int, timeout: float = 10.0) -> list[Seen]:
