@@ -35,21 +35,62 @@ def backup(caddyfile: str) -> str:
     return "\n".join(lines)
 
 
+def _pip_install(wheel_dir: str, pip_wheel: str) -> str:
+    return (f"{layout.VENV}/bin/python {wheel_dir}/{pip_wheel}/pip install -q --no-index "
+            f"--disable-pip-version-check --no-cache-dir --force-reinstall "
+            f"--find-links {wheel_dir} 'orama-stealth[fast]'")
+
+
 def install_router(wheel_dir: str, pip_wheel: str, fingerprint: str) -> str:
-    """Create the venv without ensurepip (works without python3-venv) and install the router
-    from the uploaded wheels only."""
+    """Install the router from the uploaded wheels only (a venv without ensurepip works
+    without python3-venv); a running router then upgrades itself by reload, never restart.
+
+    The reload runs the new build's own check and re-executes the supervisor in place: :443
+    keeps accepting and open connections stay on the old workers until they end. When the new
+    build cannot start (an import error, a config it rejects), the running router keeps
+    serving with the old code, and the previous build's wheels (kept until the next successful
+    install) are installed again so the node's disk matches what runs; the step fails with the
+    router's reason."""
+    mark = layout.INSTALLED_MARK
+    wheels = layout.WHEELS
+    config = layout.ROUTER_CONFIG
     return "\n".join([
-        "set -eu",
-        f"[ -x {layout.VENV}/bin/python ] || python3 -m venv --without-pip {layout.VENV}",
-        f"{layout.VENV}/bin/python {wheel_dir}/{pip_wheel}/pip install -q --no-index "
-        f"--disable-pip-version-check --no-cache-dir --force-reinstall "
-        f"--find-links {wheel_dir} 'orama-stealth[fast]'",
-        f"{layout.ROUTER_BIN} --help >/dev/null",
-        f"echo {fingerprint} > {layout.INSTALLED_MARK}",
-        # A running router keeps the old code in memory until restarted.
-        f"if systemctl is-active -q {UNIT}; then systemctl restart {UNIT}; fi",
-        # Older uploads are no longer needed once a build is installed.
-        f"find {layout.WHEELS} -mindepth 1 -maxdepth 1 ! -name {fingerprint} -exec rm -rf {{}} +",
+        "set -u",
+        f"[ -x {layout.VENV}/bin/python ] || python3 -m venv --without-pip {layout.VENV} || exit 1",
+        f"prev=$(cat {mark} 2>/dev/null || true)",
+        "refuse() {",
+        f'  echo "orama-stealth: the router did not take build {fingerprint}: $1" >&2',
+        f'  if [ -n "$prev" ] && [ -d {wheels}/"$prev" ]; then',
+        f'    pipw=$(ls -d {wheels}/"$prev"/pip-*.whl | head -n 1)',
+        f'    {layout.VENV}/bin/python "$pipw/pip" install -q --no-index '
+        "--disable-pip-version-check --no-cache-dir --force-reinstall "
+        f'--find-links {wheels}/"$prev" \'orama-stealth[fast]\' &&',
+        f'    echo "$prev" > {mark} &&',
+        '    echo "orama-stealth: build $prev installed again; the running router was never '
+        'replaced" >&2',
+        "  fi",
+        "  exit 1",
+        "}",
+        f"{_pip_install(wheel_dir, pip_wheel)} || refuse 'pip install failed'",
+        # The new build's own check: it imports all of the router and reads the config.
+        f"if [ -e {config} ]; then",
+        f"  out=$({layout.ROUTER_BIN} check --config {config} 2>&1 >/dev/null) || "
+        '{ refuse "$(printf %s "$out" | tail -n 3)"; }',
+        "else",
+        f'  out=$({layout.ROUTER_BIN} --version 2>&1) || {{ refuse "$(printf %s "$out" | '
+        'tail -n 3)"; }',
+        "fi",
+        f"echo {fingerprint} > {mark}",
+        f"if systemctl is-active -q {UNIT}; then",
+        f"  if ! out=$(systemctl reload {UNIT} 2>&1); then",
+        f"    why=$(journalctl -u {UNIT} -n 30 -o cat --no-pager 2>/dev/null | "
+        "grep -E 'event=(upgrade_failed|reload_failed)' | tail -n 1)",
+        '    refuse "${why:-$out}"',
+        "  fi",
+        "fi",
+        # The previous build's wheels stay for the restore above; older ones go.
+        f"find {wheels} -mindepth 1 -maxdepth 1 ! -name {fingerprint} "
+        '! -name "${prev:-none}" -exec rm -rf {} +',
     ])
 
 

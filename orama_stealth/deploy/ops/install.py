@@ -15,6 +15,7 @@ from orama_stealth.deploy.ops.common import (
     new_router_config,
     put,
     read_text,
+    say,
     settings,
     sh,
     snapshot,
@@ -47,20 +48,40 @@ def install_router() -> Commands:
              timeout=INSTALL_TIMEOUT)
 
 
+def needs_new_process(old_unit: str, new_unit: str) -> list[str]:
+    """The unit settings a running router cannot take by reload: what systemd gives a process
+    only when it starts (capabilities, the descriptor limit, the user, the sockets)."""
+    keys = ("AmbientCapabilities=", "CapabilityBoundingSet=", "LimitNOFILE=", "DynamicUser=",
+            "Sockets=", "User=", "Group=")
+
+    def lines(text: str) -> dict[str, str]:
+        return {k: ln for ln in text.splitlines() for k in keys if ln.startswith(k)}
+
+    old, new = lines(old_unit), lines(new_unit)
+    return [k.rstrip("=") for k in keys if old.get(k) != new.get(k)]
+
+
 @operation()
 @guarded
 def router_unit() -> Commands:
-    """The hardened systemd unit of the router and the socket units holding :443/:80."""
+    """The hardened systemd unit of the router and the socket units holding :443/:80. A
+    running router takes a changed unit by reload; only settings systemd applies at start
+    (capabilities, limits) need a new process, which costs a restart (docs/cutover.md)."""
     s = settings()
     unit = render.router_unit(s)
-    changed = read_text(layout.ROUTER_UNIT) != unit
+    current = read_text(layout.ROUTER_UNIT)
     yield from put(layout.ROUTER_UNIT, text=unit)
     for fd_name, path in zip(layout.SOCKETS, layout.SOCKET_UNITS, strict=True):
         yield from put(path, text=render.router_socket(fd_name))
-    if changed and snapshot(s).router_active:
-        # Capabilities (turn_source client adds CAP_NET_ADMIN) reach only a new process; the
-        # socket units keep :443/:80 queueing meanwhile.
+    if current == unit or not snapshot(s).router_active:
+        return
+    restart = needs_new_process(current, unit) if current else []
+    if restart:
+        say(f"the router unit changed {', '.join(restart)}: only a new process takes that, so "
+            "the router restarts (new connections wait in the socket backlog while it drains)")
         yield sh(f"systemctl daemon-reload && systemctl restart {layout.ROUTER_UNIT_NAME}")
+    else:
+        yield sh(f"systemctl daemon-reload && systemctl reload {layout.ROUTER_UNIT_NAME}")
 
 
 @operation()

@@ -1,0 +1,100 @@
+"""Day two on a cut-over lab node, as the operator lives it: `systemctl reload`, and the cutover
+re-run with a new build of the router (an upgrade), each under a client opening a new TLS
+connection to :443 every 5 ms with five long-lived connections open; then an upgrade to a
+build that cannot start, which must leave the old build serving and fail the step with the
+router's reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from support.deploylab import REPO, Lab, build_wheel
+
+from orama_stealth.lab.clientloop import ClientLoop
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+ROUTER = "/opt/orama/bin/orama-sni-router"
+
+
+def build_variant(tmp: Path, edit: str) -> Path:
+    """A wheel built from a copy of this checkout whose router source differs by `edit`, a
+    line appended to orama_stealth/router/__init__.py."""
+    src = tmp / "src"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    with (src / "orama_stealth/router/__init__.py").open("a") as f:
+        f.write(f"\n{edit}\n")
+    return build_wheel(tmp / "wheel", src)
+
+
+def with_wheel(lab: Lab, wheel: Path) -> Lab:
+    return Lab(lab.node, lab.status, lab.status_file, wheel)
+
+
+def main_pid(lab: Lab) -> str:
+    return lab.ssh("systemctl show -p MainPID --value orama-sni-router").strip()
+
+
+def running_build(lab: Lab) -> str:
+    """The installed build, as the router's own --version reports it."""
+    return lab.ssh(f"{ROUTER} --version").strip()
+
+
+def measured(loop: ClientLoop, what: str) -> None:
+    s = loop.summary()
+    print(f"FIGURES {what}: {s.line()}")
+    assert s.failed == 0, f"{what}: {s.line()}"
+    assert s.slowest_handshake < 0.5, f"{what}: {s.line()}"
+
+
+def test_reload_and_upgrade_refuse_nothing_and_keep_open_connections(
+        lab: Lab, tmp_path: Path) -> None:
+    assert lab.deploy("cutover").returncode == 0
+    pid = main_pid(lab)
+    before = running_build(lab)
+    ca = str(lab.status["ca_file"])
+
+    with ClientLoop(lab.address, 443, lab.base, ca, long_lived=5, max_seconds=120) as loop:
+        lab.ssh("systemctl reload orama-sni-router")
+        assert loop.check_long_lived() == [""] * 5
+    measured(loop, "reload")
+    assert main_pid(lab) == pid
+
+    new_wheel = build_variant(tmp_path / "new", "# a new build")
+    with ClientLoop(lab.address, 443, lab.base, ca, long_lived=5, max_seconds=240) as loop:
+        upgrade = with_wheel(lab, new_wheel).deploy("cutover")
+        assert upgrade.returncode == 0
+        assert loop.check_long_lived() == [""] * 5
+    measured(loop, "upgrade")
+    assert main_pid(lab) == pid, "the upgrade restarted the router instead of reloading it"
+    after = running_build(lab)
+    assert after != before
+    build = after.split()[-1]
+    status = json.loads(lab.ssh("cat /run/orama-sni-router/status.json"))
+    assert status["ok"] is True and status["build"] == build and str(status["pid"]) == pid
+    journal = lab.ssh("journalctl -u orama-sni-router -o cat --no-pager")
+    assert "event=upgraded" in journal and f"build={build}" in journal, journal[-3000:]
+
+    broken = build_variant(tmp_path / "broken", "def broken(:")
+    with ClientLoop(lab.address, 443, lab.base, ca, max_seconds=240) as loop:
+        failed = with_wheel(lab, broken).deploy("cutover")
+    assert failed.returncode != 0
+    assert "did not take build" in failed.stdout
+    assert "SyntaxError" in failed.stdout, failed.stdout[-3000:]
+    measured(loop, "failed upgrade")
+    assert main_pid(lab) == pid
+    assert running_build(lab) == after, "the broken build was left installed"
+    # The install's own check refused the build: the router was never asked to load it.
+    status = json.loads(lab.ssh("cat /run/orama-sni-router/status.json"))
+    assert status["build"] == build and str(status["pid"]) == pid
+    served = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
+    assert served["ok"], served
