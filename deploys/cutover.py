@@ -29,13 +29,15 @@ ops.router_config(name="3d. sni-router.yaml (operator routes kept)")
 # 4. Caddy's new config and drop-in, then the switch: stop Caddy, start router, start Caddy.
 ops.caddy_config(name="4a. Caddyfile managed blocks and caddy.service drop-in")
 ops.switch(name="4b. switch :443/:80 from Caddy to the router")
+# tls_mode acme: each stealth name's TURN TLS listener serves Caddy's certificate for it (the
+# main TURN server for the first name, an orama-turn-tls@ instance for each other; a new name
+# starts its own); renewals reach them by SIGUSR2. Before verify, which probes every name.
+turncert.turn_certificate(name="4c. TURN listeners take Caddy's certificate for each stealth name")
 
 # 5. Verify with real probes through :443 and :80; on failure roll back and fail this node.
 ops.verify_or_rollback(name="5. verify through :443 (rolls back on failure)")
 ops.record_state(name="5b. record cutover state")
-# tls_mode acme: the TURN server serves Caddy's certificate; renewals reach it by SIGUSR2.
-turncert.turn_certificate(name="5c. TURN server takes Caddy's certificate for the stealth name")
-certtruth.certificate_truth(name="5d. served certificate is Caddy's current one, not expiring")
+certtruth.certificate_truth(name="5c. served certificates are Caddy's current ones, not expiring")
 
 # 6. Optional: the gateway's stealth domain and its credentials ladder.
 ops.gateway(name="6. gateway stealth domain")

@@ -28,7 +28,7 @@ Commands = Generator[Any, None, None]
 
 def fix_for(name: str) -> str:
     return (f"on the node run `systemctl start {SERVICE}` (copies Caddy's certificate for "
-            f"{name} to the TURN server and sends it SIGUSR2), check that "
+            f"{name} to its TURN listener and sends it SIGUSR2), check that "
             f"`systemctl is-active orama-turn-cert.path` says active, or re-run "
             f"deploys/cutover.py")
 
@@ -39,7 +39,7 @@ def cert_truth(s: NodeSettings, t: TurnCertSettings, name: str, caddy_pem: str |
     trust = ["--ca", s.ca_file] if s.ca_file else []
     args = [f"{s.probe_address}:443", "--sni", name, *trust, "--cert-truth",
             "--cert-min-days", f"{t.min_days:g}"]
-    if t.managed and name == t.name:
+    if t.managed and name in t.names():
         if not caddy_pem:
             return Outcome(label, False, f"Caddy holds no certificate for {name} at "
                            f"{t.caddy_file(name, 'crt')} (journalctl -u caddy on the node)")
@@ -70,7 +70,7 @@ def certificate_truth() -> Commands:
             # for every name the TLS check (chain, name) and the days left still apply.
             # A read that failed is "" (no certificate), never None (no identity check).
             pem = ((host.get_fact(TextFile, path=t.caddy_file(name, "crt"), _timeout=60) or "")
-                   if t.managed and name == t.name else None)
+                   if t.managed and name in t.names() else None)
             o = cert_truth(s, t, name, pem, Path(tmp))
             host.log_styled(f"probe {'ok' if o.ok else 'FAILED'}: {o.probe}: {o.detail}",
                             fg="cyan" if o.ok else "red",

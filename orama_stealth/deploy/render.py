@@ -69,10 +69,28 @@ def caddy_dropin(s: NodeSettings) -> str:
                   caddy_http_port=s.caddy_http_port)
 
 
-def router_config(s: NodeSettings, operator_routes_yaml: str = "") -> str:
+def _with_port(addr: str, port: int) -> str:
+    return f"{addr.rpartition(':')[0]}:{port}"
+
+
+def router_config(s: NodeSettings, operator_routes_yaml: str = "",
+                  turn_ports: dict[str, int] | None = None) -> str:
+    """`turn_ports`: cdn name -> the TLS port of the TURN listener of its own (tls_mode acme,
+    see deploy/turnlisteners.py), on the host of `turn_tls_addr`; the other names go to
+    `turn_tls_addr`, the main TURN server."""
+    ports = turn_ports or {}
+    routes = []
+    for name in s.cdn_hosts:
+        port = ports.get(name)
+        if port is None:
+            routes.append((name, "turn-tls", s.turn_tls_addr))
+        else:
+            # One backend name per address: the router's counters and logs stay unambiguous.
+            routes.append((name, f"turn-tls-{port}", _with_port(s.turn_tls_addr, port)))
     return render(
         "sni-router.yaml.j2",
         managed_matches=list(s.cdn_hosts),
+        managed_routes=routes,
         max_concurrent_conns=s.max_concurrent_conns,
         caddy_https_port=s.caddy_https_port,
         caddy_http_port=s.caddy_http_port,

@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from orama_stealth.deploy import turncert
+from orama_stealth.deploy import render, turncert, turnlisteners
 from orama_stealth.deploy.caddysites import site_hosts
 from orama_stealth.deploy.settings import SettingsError, settings_from_data
+from orama_stealth.router.config import parse_config
 
 CONF = """listening-port=3478
 tls-listening-port=5349
@@ -93,3 +95,72 @@ https://Cdn.Example.test:443, other.test {
 }
 """
     assert site_hosts(text) == {"cdn.example.test", "other.test"}
+
+
+def test_one_listener_per_name_ports_and_relay_slices() -> None:
+    t = _t(namespaces=["team-b", "team-c"], cdn_hosts=["cdn.example.test"])
+    assert t.plan is not None
+    assert [(li.name, li.port, li.instance) for li in t.listeners] == [
+        ("cdn.example.test", 5349, False),
+        (t.names()[1], 5351, True), (t.names()[2], 5353, True)]
+    # A namespace appended later keeps every earlier name on its port.
+    more = _t(namespaces=["team-b", "team-c", "team-d"], cdn_hosts=["cdn.example.test"])
+    assert [li.port for li in more.listeners][:3] == [5349, 5351, 5353]
+    confs = turncert.node_confs(t, CONF)
+    main = confs[t.conf]
+    assert "min-port=49152\nmax-port=57343\n" in main
+    assert turncert.original_conf(main) == CONF
+    inst = confs[turncert.instance_conf_path(t.instances[0])]
+    active = [ln for ln in inst.splitlines() if ln and not ln.startswith("#")]
+    assert "static-auth-secret=abc" in active and "listening-port=3478" not in active
+    assert {"tls-listening-port=5351", "alt-tls-listening-port=5352", "no-udp", "no-tcp",
+            "no-dtls", "no-cli", "min-port=57344", "max-port=58367"} <= set(active)
+    second = confs[turncert.instance_conf_path(t.instances[1])]
+    assert "min-port=58368\nmax-port=59391\n" in second
+
+
+def test_listener_settings_errors() -> None:
+    with pytest.raises(SettingsError, match="turn_listener_slots: 2 cdn names"):
+        _t(namespaces=["a", "b", "c"], turn_listener_slots=1)
+    with pytest.raises(SettingsError, match="turn_listener_port"):
+        _t(namespaces=["a", "b"], turn_listener_port=5348)
+    with pytest.raises(SettingsError, match="turn_source: client"):
+        _t(namespaces=["a", "b"], turn_source="client")
+    with pytest.raises(SettingsError, match="too small"):
+        turnlisteners.split_relay(60000, 60100, 8)
+    # Without Caddy's certificates every name stays on the main TURN server.
+    assert not _t(namespaces=["a", "b"], turn_cert_from_caddy=False).instances
+
+
+def test_router_routes_point_each_name_at_its_listener() -> None:
+    data = {"base_domain": "example.test", "tls_mode": "acme", "namespaces": ["a", "b"],
+            "turn_tls_addr": "10.0.0.2:5349"}
+    s = settings_from_data("node-1", data)
+    ports = {li.name: li.port for li in turnlisteners.plan(s, data).instances}
+    doc = yaml.safe_load(render.router_config(s, "", ports))
+    assert [(r["match"], r["backend"]["name"], r["backend"]["addr"]) for r in doc["routes"]] == [
+        (s.cdn_hosts[0], "turn-tls", "10.0.0.2:5349"),
+        (s.cdn_hosts[1], "turn-tls-5351", "10.0.0.2:5351")]
+    parse_config(render.router_config(s, "", ports), "sni-router.yaml")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_instance_unit_verifies(tmp_path: Path) -> None:
+    t = _t(namespaces=["a", "b"])
+    rendered = turncert.unit_files(t)
+    script = rendered[turncert.SCRIPT][0]
+    assert script.count("\nsync_one cdn") == 2
+    path = tmp_path / "turn-cert-sync"
+    path.write_text(script)
+    assert subprocess.run(["sh", "-n", str(path)], check=False).returncode == 0
+    unit = tmp_path / "orama-turn-tls@.service"
+    unit.write_text(rendered[turncert.INSTANCE_TEMPLATE][0].replace("/usr/bin/turnserver",
+                                                                     "/bin/true"))
+    inst = tmp_path / "orama-turn-tls@cdn-x.example.test.service"
+    inst.symlink_to(unit)
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(inst)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    problems = [line for line in proc.stderr.splitlines()
+                if "orama-turn-tls" in line and "coturn.service" not in line
+                and "User=" not in line]
+    assert not problems, proc.stderr

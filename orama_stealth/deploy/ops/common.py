@@ -22,7 +22,7 @@ from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.context import host
 from pyinfra.facts.files import Sha1File
 
-from orama_stealth.deploy import layout, render, runlog
+from orama_stealth.deploy import layout, render, runlog, turnlisteners
 from orama_stealth.deploy.facts import NodeSnapshot, Snapshot, TextFile
 from orama_stealth.deploy.routercfg import RouterConfigMergeError, operator_routes, routes_yaml
 from orama_stealth.deploy.settings import NodeSettings, SettingsError, settings_from_data
@@ -181,7 +181,8 @@ def new_router_config(s: NodeSettings) -> tuple[str, str]:
     current = read_text(layout.ROUTER_CONFIG)
     kept = operator_routes(current, layout.ROUTER_CONFIG, set(s.cdn_hosts))
     turn = backend_addr(turn_tls_target(s), s.turn_source)
-    return current, render.router_config(resolved(s, turn), routes_yaml(kept))
+    ports = {li.name: li.port for li in turnlisteners.plan(s, host.data).instances}
+    return current, render.router_config(resolved(s, turn), routes_yaml(kept), ports)
 
 
 def new_caddyfile(s: NodeSettings) -> tuple[str, str]:

@@ -8,7 +8,7 @@ import json
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from orama_stealth.deploy import layout, runlog, scripts
+from orama_stealth.deploy import layout, runlog, scripts, turnlisteners
 from orama_stealth.deploy.canary import CanaryRefusal, check_canary
 from orama_stealth.deploy.facts import Snapshot
 from orama_stealth.deploy.ops.common import (
@@ -100,7 +100,9 @@ def preflight() -> Commands:
 
 
 def _problems(s: NodeSettings) -> list[str]:
-    problems = preflight_problems(s, snapshot(s))
+    snap = snapshot(s)
+    problems = preflight_problems(s, snap)
+    problems += turnlisteners.port_problems(turnlisteners.plan(s, host.data), snap.owners)
     try:
         check_canary(host.state, host, s)
     except CanaryRefusal as exc:

@@ -65,6 +65,11 @@ def verify_or_rollback() -> Commands:
                                                            snap.installed),
                                    s.caddy_https_port, s.caddy_http_port),
                   timeout=ROLLBACK_TIMEOUT)
+    if ok:
+        # The TURN listeners of step 4c go too (instances, units, copies, own certificate).
+        from orama_stealth.deploy import turncert
+
+        ok, out = turncert.rollback_now()
     after = report(caddy_probes(s))
     status = "Caddy serves :443 again" if ok and not after else f"ROLLBACK INCOMPLETE: {out}"
     if ok and not after:

@@ -1,0 +1,146 @@
+"""Namespaces on an ACME node (lab pebble): every cdn name has a TURN TLS listener serving
+Caddy's own certificate for it, and adding a namespace to the inventory and re-running the
+cutover brings its name up with reloads only, while clients keep connecting through :443."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from support import lab as lab_fixtures
+
+from orama_stealth.lab.clientloop import ClientLoop
+from orama_stealth.probe.turn_client import Allocation, TurnConnection, allocate
+from orama_stealth.wire import turn_auth
+from orama_stealth.wire.turn_auth import stealth_host
+
+lab_nodes = lab_fixtures.lab_nodes
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def _deploy(status_file: Path, wheel: Path, deploy: str, *data: str) -> str:
+    argv = [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py", f"deploys/{deploy}.py",
+            "--data", f"router_wheel={wheel}"]
+    for d in data:
+        argv += ["--data", d]
+    proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=400, check=False,
+                          env={**os.environ, "ORAMA_LAB_STATUS": str(status_file)})
+    print(f"--- pyinfra {deploy} {data} exit={proc.returncode}\n{proc.stdout[-2500:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
+
+
+def _probe(status: dict[str, Any], sni: str, expect: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orama_stealth.stealth_cli", "probe", f"{status['address']}:443",
+         "--sni", sni, "--ca", str(status["ca_file"]), "--turn", "--turn-secret-file",
+         str(status["turn_secret_file"]), "--expect-cert", str(expect), "--json"],
+        capture_output=True, text=True, timeout=90, check=False)
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+def _allocation(status: dict[str, Any], sni: str) -> Allocation:
+    secret = Path(status["turn_secret_file"]).read_text().strip()
+    cred = turn_auth.rest_credential(secret, "ns-test", now=time.time(), ttl=900)
+    ctx = ssl.create_default_context(cafile=str(status["ca_file"]))
+    raw = socket.create_connection((status["address"], 443), timeout=5)
+    tls = ctx.wrap_socket(raw, server_hostname=sni)
+    return allocate(TurnConnection(tls, f"{status['address']}:443", 5.0), cred.username,
+                    cred.password)
+
+
+@pytest.fixture(scope="module")
+def release_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--disable-pip-version-check", "-w", str(out), str(REPO)],
+                   check=True, timeout=300, capture_output=True)
+    return next(out.glob("orama_stealth-*.whl"))
+
+
+@pytest.mark.timeout(1200)
+def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
+                                                release_wheel: Path) -> None:
+    node = lab_nodes(acme=True)
+    status = node.status()
+    status_file = tmp_path / "lab-status.json"
+    status_file.write_text(json.dumps(status))
+    base = str(status["base_domain"])
+
+    def ssh(cmd: str) -> str:
+        return str(node.ssh(cmd, check=True).stdout)
+
+    def names_served(names: list[str]) -> None:
+        for name in names:
+            pem = ssh(f"cat {node.caddy_cert_file(name)}")
+            expect = tmp_path / f"{name}.pem"
+            expect.write_text(pem)
+            report = _probe(status, name, expect)
+            assert report["ok"], (name, report)
+            assert [c["name"] for c in report["checks"]] == ["tls", "turn", "cert-truth"]
+            caddy_serial = x509.load_pem_x509_certificate(pem.encode()).serial_number
+            served = report["checks"][-1]["details"]["served"]["serial"]
+            print(f"name={name} caddy_serial={caddy_serial:X} served_serial={served}")
+            assert served == f"{caddy_serial:X}", name
+
+    first = str(status["cdn_hosts"][0])
+    two = [first, stealth_host("team-b", base)]
+    _deploy(status_file, release_wheel, "cutover", "namespaces=team-b")
+    names_served(two)
+
+    def main_pids() -> dict[str, str]:
+        units = ("orama-sni-router", "caddy", "coturn", f"orama-turn-tls@{two[1]}")
+        return {u: ssh(f"systemctl show -P MainPID {u}").strip() for u in units}
+
+    before = main_pids()
+    third = stealth_host("team-c", base)
+    since = ssh("date '+%Y-%m-%d %H:%M:%S'").strip()
+    # Calls in flight on both existing names: their allocations must outlive the re-run.
+    calls = [_allocation(status, name) for name in two]
+    with ClientLoop(str(status["address"]), 443, base, str(status["ca_file"]), interval=0.005,
+                    long_lived=5, max_seconds=600) as loop:
+        assert loop.check_long_lived() == [""] * 5
+        out = _deploy(status_file, release_wheel, "cutover", "namespaces=team-b,team-c")
+        held = loop.check_long_lived()
+    summary = loop.summary()
+    refreshed = [a.refresh(600) for a in calls]
+    print(f"add namespace: {summary.line()} long_lived={held} turn_refresh={refreshed}")
+    assert summary.attempts > 100 and summary.failed == 0, summary.line()
+    # Caddy's reload closes idle HTTP keep-alive connections in order (EOF, never a reset);
+    # the TURN connections the router relays to listeners that kept running answer.
+    assert all(h in ("", "IncompleteReadError") for h in held), held
+    assert refreshed == [600, 600]
+    for a in calls:
+        a.conn.close()
+    assert "cut over" in out
+    after = main_pids()
+    # Reloads only: the router, Caddy, the main TURN server and the other instance run on.
+    assert after == before, (before, after)
+    journal = ssh(f"journalctl -o cat --since '{since}' -u orama-sni-router -u caddy "
+                  "| grep -ciE 'reload' || true")
+    assert int(journal.strip() or 0) >= 2, journal
+    names_served([*two, third])
+    assert ssh(f"systemctl is-active orama-turn-tls@{third}").strip() == "active"
+
+    # Rollback removes every instance, unit, config and copy.
+    _deploy(status_file, release_wheel, "rollback")
+    left = ssh("ls /etc/orama/turn-tls /etc/systemd/system/orama-turn-* "
+               "/etc/systemd/system/multi-user.target.wants/orama-turn-* 2>/dev/null; "
+               "systemctl list-units --all --plain --no-legend 'orama-turn-*' | wc -l; "
+               "grep -c orama-stealth /etc/turnserver.conf || true").split()
+    assert left == ["0", "0"], left
+    assert ssh("ss -ltnH 'sport = :5351' | wc -l").strip() == "0"
+    assert ssh("systemctl is-active coturn").strip() == "active"
