@@ -57,9 +57,15 @@ _readv = os.readv
 _write = os.write
 RD = select.EPOLLIN | select.EPOLLRDHUP  # what a reading Half watches on its source
 WR = select.EPOLLOUT  # what a Half waiting to flush watches on its destination
+# What a source stays registered with while neither is wanted (its reading paused behind a
+# full destination, or its EOF read): epoll reports an error (the peer's reset) whatever the
+# mask, so a paused socket whose peer left is still noticed at once instead of at idle_timeout.
+WATCH = select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_GONE = select.EPOLLHUP | select.EPOLLERR
 _RDHUP = select.EPOLLRDHUP
+_WANTED = RD | WR
 
 
 def splice_available() -> bool:
@@ -118,8 +124,9 @@ class Relay:
 
     Each socket is registered once, by the Half that reads from it; that Half's `mask` holds
     what is watched on it: RD while it reads, WR while its peer (the Half writing to the same
-    socket) waits to flush. A socket about to be closed is only forgotten: close(2) takes it out
-    of the epoll set, no epoll_ctl is spent on it.
+    socket) waits to flush, and WATCH when it wants neither, so the socket stays in the set and
+    its peer's reset is reported in every state. A socket about to be closed is only forgotten:
+    close(2) takes it out of the epoll set, no epoll_ctl is spent on it.
     """
 
     __slots__ = ("_ep", "halves", "hup", "on_error", "stats")
@@ -152,6 +159,12 @@ class Relay:
         return up, down
 
     def _set(self, half: Half, mask: int) -> None:
+        mask &= _WANTED
+        if not mask:
+            # Still watched for the peer's reset, unless epoll already reported a hang-up
+            # (both directions shut) with nothing to do yet: level-triggered, that would be
+            # reported again on every wakeup.
+            mask = 0 if half.hung_up else WATCH
         old = half.mask
         if mask == old:
             return
@@ -182,18 +195,21 @@ class Relay:
             if half is None:
                 continue
             try:
-                if ev & in_ and half.mask & RD:
+                mask = half.mask
+                if ev & in_ and mask & RD:
                     self.hup = ev & rdhup
                     if half.pipe_r >= 0:
                         half.on_splice_readable()
                     else:
                         half.on_readable()
-                if ev & out and half.mask & WR:
+                if ev & out and mask & WR:
                     peer = half.peer
                     if peer.pipe_r >= 0:
                         peer.on_splice_writable()
                     else:
                         peer.on_writable()
+                if ev & _GONE and not mask & _WANTED:
+                    half.on_gone(ev)
             except Exception as e:  # one connection's bug must not take the others down
                 self.on_error(e, half)
 
@@ -206,6 +222,7 @@ class Half:
         "done",
         "eof",
         "full",
+        "hung_up",
         "inpipe",
         "mask",
         "moved",
@@ -232,6 +249,7 @@ class Half:
         self.eof = False
         self.done = False
         self.full = 0
+        self.hung_up = False  # epoll reported EPOLLHUP while nothing was wanted (see on_gone)
         self.moved = 0  # bytes read since the last fold()
         self.pipe_r = -1
         self.pipe_w = -1
@@ -336,13 +354,26 @@ class Half:
 
     # --- end of one direction ----------------------------------------------------------------
 
+    def on_gone(self, ev: int) -> None:
+        """epoll reported an error or hang-up on the source while this Half neither reads it
+        nor waits to write to it (paused behind a full destination, or past its EOF)."""
+        if ev & select.EPOLLERR:
+            # The peer reset: nothing more can be delivered to it and what it sent is void.
+            self.owner.close()
+            return
+        # A plain hang-up: both directions of this socket are shut (its FIN arrived and ours
+        # was sent), with bytes maybe still unread behind a paused read. Stop watching until
+        # reading resumes, which finds them and the EOF.
+        self.hung_up = True
+        self.relay._set(self, 0)
+
     def _src_eof(self) -> None:
         self.eof = True
         flushed = not self.pending and not self.inpipe
         if flushed and self.peer.done:
             # Both directions are over and the connection closes in _finish below: close(2)
             # takes the descriptor out of the epoll set, no epoll_ctl is spent on it.
-            self.mask &= ~RD
+            self.mask = WATCH
         else:
             self._read_off()
         if flushed:

@@ -12,7 +12,7 @@ import pytest
 from support.loops import run_on
 
 from orama_stealth.router.metrics import Stats
-from orama_stealth.router.relay import BULK_READS, RD, WR, Half, Relay
+from orama_stealth.router.relay import BULK_READS, RD, WATCH, WR, Half, Relay
 
 
 class Recorder:
@@ -198,5 +198,85 @@ def test_a_reset_peer_closes_the_connection(loop_name: str) -> None:
             assert rig.relay.halves == {}
         finally:
             rig.close()
+
+    run_on(loop_name, main())
+
+
+def test_a_reset_while_reading_is_paused_is_noticed_at_once(loop_name: str) -> None:
+    async def main() -> None:
+        rig = Rig(asyncio.get_running_loop())
+        try:
+            rig.start()
+            # Something the client never reads, so its close below is a reset.
+            await rig.loop.sock_sendall(rig.backend, b"unread by the client")
+            await rig.until(lambda: rig.stats is not None and not rig.down.pending)
+            sender = asyncio.ensure_future(rig.loop.sock_sendall(rig.client, bytes(4 << 20)))
+            # Nobody reads the backend side: reading the client stops, and nothing else is
+            # wanted on the client's socket (the other direction has nothing to flush).
+            await rig.until(lambda: bool(rig.up.pending) or rig.up.inpipe)
+            assert not rig.up.mask & (RD | WR)
+            assert rig.up.mask == WATCH, "a paused source must stay in the epoll set"
+            sender.cancel()
+            await asyncio.sleep(0)
+            rig.client.close()
+            await rig.until(lambda: rig.owner.closed, timeout=1.0)
+            assert rig.relay.halves == {}
+        finally:
+            rig.close()
+        assert not rig.errors
+
+    run_on(loop_name, main())
+
+
+def test_a_hang_up_behind_a_paused_read_loses_nothing_and_does_not_spin(loop_name: str) -> None:
+    async def main() -> None:
+        rig = Rig(asyncio.get_running_loop())
+        wakeups = 0
+        real = rig.relay.on_ready
+
+        def counting() -> None:
+            nonlocal wakeups
+            wakeups += 1
+            real()
+
+        rig.loop.remove_reader(rig.relay.fileno())
+        rig.loop.add_reader(rig.relay.fileno(), counting)
+        try:
+            rig.start()
+            # The backend finishes its direction first: the router shuts the client's write.
+            rig.backend.shutdown(socket.SHUT_WR)
+            assert await rig.recv_exact(rig.client, 1) == b""
+            await rig.until(lambda: rig.down.done)
+            # The client sends all that fits while nobody reads the backend side.
+            sent = bytearray()
+            chunk = os.urandom(1 << 16)
+            for _ in range(200):
+                try:
+                    n = rig.client.send(chunk)
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)
+                    if rig.up.pending or rig.up.inpipe:
+                        try:
+                            n = rig.client.send(chunk)
+                        except BlockingIOError:
+                            break
+                    else:
+                        continue
+                sent += chunk[:n]
+            assert rig.up.pending or rig.up.inpipe
+            # Then it finishes too: both directions of the router's client socket are shut
+            # (EPOLLHUP, level-triggered) while its last bytes wait behind the paused read.
+            rig.client.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.2)
+            assert not rig.owner.closed
+            before = wakeups
+            await asyncio.sleep(0.2)
+            assert wakeups - before < 5, f"{wakeups - before} wakeups in 0.2 s: it spins"
+            got = await rig.recv_exact(rig.backend, len(sent))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(bytes(sent)).digest()
+            await rig.until(lambda: rig.owner.closed)
+        finally:
+            rig.close()
+        assert not rig.errors
 
     run_on(loop_name, main())
