@@ -350,7 +350,7 @@ class _Schema:
             listeners=tuple(listeners),
             client_hello_timeout=duration("client_hello_timeout", DEFAULT_CLIENT_HELLO_TIMEOUT),
             backend_dial_timeout=duration("backend_dial_timeout", DEFAULT_BACKEND_DIAL_TIMEOUT),
-            idle_timeout=duration("idle_timeout", DEFAULT_IDLE_TIMEOUT, allow_zero=True),
+            idle_timeout=self.idle_timeout(top),
             drain_timeout=duration("drain_timeout", DEFAULT_DRAIN_TIMEOUT, allow_zero=True),
             half_close_timeout=duration("half_close_timeout", DEFAULT_HALF_CLOSE_TIMEOUT),
             max_concurrent_conns=integer(
@@ -365,6 +365,21 @@ class _Schema:
             workers=integer("workers", 0, 0, 256),
             metrics_listen=metrics,
         )
+
+    def idle_timeout(self, top: dict[str, tuple[Node, Node]]) -> float:
+        if "idle_timeout" not in top:
+            return DEFAULT_IDLE_TIMEOUT
+        node = top["idle_timeout"][1]
+        seconds = self.doc.duration(node, "idle_timeout", allow_zero=True)
+        if seconds == 0:
+            # A peer that vanishes without a reset (powered off, its network cut) is seen by
+            # nothing else: with no limit its connection and two descriptors would stay forever.
+            raise self.doc.fail(
+                node, "idle_timeout",
+                "0 (never) is not allowed: a client that vanishes without a reset would hold "
+                "its connection forever; use a long duration instead, e.g. 24h",
+            )
+        return seconds
 
     def backend(self, node: Node, key: str) -> Backend:
         d = self.doc

@@ -99,6 +99,12 @@ listeners:
             "expected a duration",
         ),
         (
+            "fallback: {name: c, addr: '127.0.0.1:1'}\nidle_timeout: 0\n",
+            2,
+            "idle_timeout",
+            "vanishes without a reset",
+        ),
+        (
             "fallback: {name: c, addr: '127.0.0.1:1'}\nclient_hello_timeout: 0s\n",
             2,
             "client_hello_timeout",
