@@ -36,7 +36,7 @@ def format_line(level: str, event: str, msg: str, fields: dict[str, object], now
 class Logger:
     """Writes whole lines with one write(2) each, so lines from several workers never interleave."""
 
-    __slots__ = ("_clock", "_fd", "_interval", "_last", "_suppressed", "base")
+    __slots__ = ("_clock", "_fd", "_interval", "_last", "_suppressed", "_tallies", "base")
 
     def __init__(
         self,
@@ -50,6 +50,8 @@ class Logger:
         self._clock: Callable[[], float] = clock or time.monotonic
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, tuple[str, str, str, int]] = {}
+        # kind -> (event, msg, level, occurrences not printed yet, fields of the latest one)
+        self._tallies: dict[str, tuple[str, str, str, int, dict[str, object]]] = {}
         self.base: dict[str, object] = dict(base)
 
     def _write(self, level: str, event: str, msg: str, fields: dict[str, object]) -> None:
@@ -99,8 +101,35 @@ class Logger:
         self._write(level, event, msg, fields)
         return True
 
+    def tally(
+        self, event: str, msg: str, level: str = "warn", kind: str = "", **fields: object
+    ) -> bool:
+        """For events that come in floods by nature (evictions under attack, accepts failing
+        for want of descriptors): at most one line per `interval` per kind, and each line says
+        `count=N`, the occurrences since the previous line of that kind (this one included),
+        with the fields of the latest. True if it printed."""
+        key = kind or event
+        now = self._clock()
+        held = self._tallies.get(key)
+        count = 1 if held is None else held[3] + 1
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._tallies[key] = (event, msg, level, count, fields)
+            return False
+        self._last[key] = now
+        self._tallies.pop(key, None)
+        self._write(level, event, msg, {**fields, "count": count})
+        return True
+
     def flush_suppressed(self) -> None:
         """Report counts still held back once their window has passed (called from a tick)."""
+        if self._tallies:
+            now = self._clock()
+            for key in list(self._tallies):
+                if now - self._last.get(key, 0.0) >= self._interval:
+                    event, msg, level, count, fields = self._tallies.pop(key)
+                    self._last[key] = now
+                    self._write(level, event, msg, {**fields, "count": count})
         if not self._suppressed:
             return
         now = self._clock()

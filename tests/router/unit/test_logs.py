@@ -93,3 +93,31 @@ def test_held_back_counts_are_reported_after_the_window() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_tally_prints_once_per_second_with_the_count_since_the_last_line() -> None:
+    r, w = os.pipe()
+    try:
+        clock = Clock()
+        log = Logger(fd=w, clock=clock)
+        printed = [log.tally("hello_evicted", "evicted", stage="hello", n=i) for i in range(7)]
+        assert printed == [True] + [False] * 6
+        log.flush_suppressed()
+        lines = read_lines(r)
+        assert len(lines) == 1 and "count=1" in lines[0] and "n=0" in lines[0]
+        clock.now += 1.0
+        log.flush_suppressed()  # the six held back, with the latest one's fields
+        lines = read_lines(r)
+        assert len(lines) == 1 and "count=6" in lines[0] and "n=6" in lines[0]
+        assert "event=hello_evicted" in lines[0]
+        clock.now += 0.5
+        assert not log.tally("hello_evicted", "evicted", n=7)  # within the window again
+        clock.now += 0.6
+        assert log.tally("hello_evicted", "evicted", n=8)
+        lines = read_lines(r)
+        assert len(lines) == 1 and "count=2" in lines[0] and "n=8" in lines[0]
+        log.flush_suppressed()
+        assert read_lines(r) == []
+    finally:
+        os.close(r)
+        os.close(w)
