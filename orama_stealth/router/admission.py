@@ -73,15 +73,20 @@ class LocalAdmission:
         return max_total
 
     def admit(self, key: bytes) -> tuple[int, bool]:
-        """(ADMITTED or a REFUSED_* reason, whether the address is tracked for release)."""
-        if self.live >= self.max_total:
-            return REFUSED_GLOBAL, False
+        """(ADMITTED or a REFUSED_* reason, whether the address is tracked for release).
+
+        The per-address cap is checked first: REFUSED_GLOBAL means this client would get in if
+        there were room, which is when the worker may make room (see worker.admit)."""
         if self.max_per_ip <= 0:
+            if self.live >= self.max_total:
+                return REFUSED_GLOBAL, False
             self.live += 1
             return ADMITTED, False
         n = self.counts.get(key, 0)
         if n >= self.max_per_ip:
             return REFUSED_PER_IP, False
+        if self.live >= self.max_total:
+            return REFUSED_GLOBAL, False
         self.counts[key] = n + 1
         self.live += 1
         return ADMITTED, True
@@ -100,6 +105,14 @@ class LocalAdmission:
 
     def total(self) -> int:
         return self.live
+
+    def mine(self) -> int:
+        return self.live
+
+    @property
+    def share(self) -> int:
+        """This worker's fair part of max_total: all of it."""
+        return self.max_total
 
 
 class SharedTable:
@@ -258,13 +271,13 @@ class SharedAdmission:
         counts, i = self._counts, self._index
         t.lock()
         try:
+            off, found = t._find(key)
+            total = _U32.unpack_from(mm, off + _KEY)[0] if found else 0
+            if total >= self.max_per_ip:
+                return REFUSED_PER_IP, False
             if sum(counts) >= self.max_total:
                 return REFUSED_GLOBAL, False
-            off, found = t._find(key)
             if found:
-                total = _U32.unpack_from(mm, off + _KEY)[0]
-                if total >= self.max_per_ip:
-                    return REFUSED_PER_IP, False
                 _U32.pack_into(mm, off + _KEY, total + 1)
                 mine = _U32.unpack_from(mm, off + self._count_off)[0]
                 _U32.pack_into(mm, off + self._count_off, mine + 1)
@@ -306,6 +319,15 @@ class SharedAdmission:
 
     def total(self) -> int:
         return self.t.live()
+
+    def mine(self) -> int:
+        """This worker's live connections."""
+        return int(self._counts[self._index])
+
+    @property
+    def share(self) -> int:
+        """This worker's fair part of max_total (rounded up)."""
+        return -(-self.max_total // self.t.workers)
 
 
 Admission = LocalAdmission | SharedAdmission

@@ -25,6 +25,7 @@ import enum
 import errno
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 
 from orama_stealth.router.admission import LocalAdmission, SharedAdmission
@@ -52,6 +53,7 @@ RETRY_FIRST = 0.02
 RETRY_CAP = 0.25
 _RETRYABLE = (errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED)
 _AGAIN = (BlockingIOError, InterruptedError)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close(2) sends a reset
 
 
 class Phase(enum.Enum):
@@ -105,6 +107,10 @@ class Registry:
     def stage(self, stage: Stage) -> Iterator[Conn]:
         """The connections of one stage, oldest first (a snapshot: safe to close while going)."""
         return iter(list(self._by_stage[stage]))
+
+    def oldest(self, stage: Stage) -> Conn | None:
+        """The connection of that stage that arrived first, without copying the bucket."""
+        return next(iter(self._by_stage[stage]), None)
 
     def count(self, stage: Stage) -> int:
         return len(self._by_stage[stage])
@@ -481,6 +487,17 @@ class Conn:
                 half.poll()
 
     # --- end ---------------------------------------------------------------------------------
+
+    def evict(self) -> None:
+        """Closed to make room for a newer connection: reset rather than FIN, so the kernel
+        keeps no orphaned FIN_WAIT state for a peer that may never answer it."""
+        with contextlib.suppress(OSError):
+            sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.cfd)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            finally:
+                sock.detach()
+        self.close()
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -23,6 +23,7 @@ class Stats:
     """One worker's counters. Cheap to bump; `snapshot()` is for publishing, not the data path."""
 
     __slots__ = (
+        "accept_failures",
         "active",
         "bytes_down",
         "bytes_up",
@@ -30,6 +31,7 @@ class Stats:
         "conns",
         "dial_failures",
         "half_close_closed",
+        "hello_evicted",
         "hello_failures",
         "idle_closed",
         "refused",
@@ -47,6 +49,8 @@ class Stats:
         self.refused: Counter[str] = Counter()  # by limit: global | per_ip
         self.idle_closed = 0
         self.half_close_closed = 0
+        self.hello_evicted = 0  # closed before their hello completed, to admit newer ones
+        self.accept_failures: Counter[str] = Counter()  # by errno name: EMFILE, ENFILE, ...
         self.splice_switches = 0
         self.splice_refused = 0
         self.callback_errors = 0
@@ -62,6 +66,8 @@ class Stats:
             "refused": dict(self.refused),
             "idle_closed": self.idle_closed,
             "half_close_closed": self.half_close_closed,
+            "hello_evicted": self.hello_evicted,
+            "accept_failures": dict(self.accept_failures),
             "splice_switches": self.splice_switches,
             "splice_refused": self.splice_refused,
             "callback_errors": self.callback_errors,
@@ -185,6 +191,17 @@ def render(
     refused.update(_counter_map(snap, "refused"))
     labelled(
         "limit_refusals_total", "Connections refused by a connection limit.", "limit", refused
+    )
+    full = family(
+        "hello_evicted_total", "counter",
+        "Connections closed before completing their ClientHello to make room for newer ones "
+        "at the connection cap.",
+    )
+    lines.append(f"{full} {_int(snap, 'hello_evicted')}")
+    labelled(
+        "accept_failures_total",
+        "accept(2) failures for want of resources (descriptors, memory), by errno.", "errno",
+        _counter_map(snap, "accept_failures"),
     )
     full = family("bytes_total", "counter", "Bytes relayed, by direction.")
     lines.append(f'{full}{{direction="client_to_backend"}} {_int(snap, "bytes_up")}')

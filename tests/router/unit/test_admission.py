@@ -99,10 +99,10 @@ def test_random_operations_match_a_dict_model() -> None:
             w, key = rng.randrange(3), rng.choice(keys)
             verdict, tracked = handles[w].admit(key)
             total = sum(model.values())
-            if total >= 8:
-                assert verdict == REFUSED_GLOBAL
-            elif model.get(key, 0) >= 3:
+            if model.get(key, 0) >= 3:
                 assert verdict == REFUSED_PER_IP
+            elif total >= 8:
+                assert verdict == REFUSED_GLOBAL
             else:
                 assert verdict == ADMITTED and tracked
                 model[key] = model.get(key, 0) + 1
