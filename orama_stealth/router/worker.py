@@ -35,7 +35,11 @@ from orama_stealth.router.relay import Relay
 
 PUBLISH_EVERY = 0.25
 ACCEPT_PAUSE = 0.1
+# Connections a newcomer may evict at the cap before it is refused: more than one only when
+# another worker took the freed place in the same instant.
+EVICT_TRIES = 4
 _AGAIN = (BlockingIOError, InterruptedError)
+_NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -65,6 +69,10 @@ class Worker:
         self._stopped: asyncio.Future[None] | None = None
         self._ctx: Context | None = None
         self.relay: Relay | None = None
+        # One descriptor held in reserve: out of descriptors, it is given up for a moment to
+        # accept a waiting connection and close it, so the client is refused at once instead
+        # of waiting in the queue, and the listener does not stay readable (see _on_accept).
+        self._spare = -1
 
     @property
     def ctx(self) -> Context:
@@ -119,6 +127,7 @@ class Worker:
                 sock=self.control_sock,
             )
             self._channel.send(control.ready(self.loop_name))
+        self._spare = _open_spare()
         loop.call_later(PUBLISH_EVERY, self._tick)
         loop.call_later(self._sweep_interval(), self._sweep)
 
@@ -131,6 +140,9 @@ class Worker:
                 loop.remove_reader(self.relay.fileno())
             self.relay.close()
         self._close_listeners()
+        if self._spare >= 0:
+            os.close(self._spare)
+            self._spare = -1
         if self._channel is not None and self._channel.transport is not None:
             self._channel.transport.close()
 
@@ -155,6 +167,8 @@ class Worker:
     def _tick(self) -> None:
         self._publish()
         self.log.flush_suppressed()
+        if self._spare < 0:
+            self._spare = _open_spare()  # given up while the system was out of descriptors
         self.ctx.loop.call_later(PUBLISH_EVERY, self._tick)
 
     def _publish(self) -> None:
@@ -245,15 +259,45 @@ class Worker:
             return
         except OSError as e:
             if e.errno in _OUT_OF_RESOURCES:
-                self.log.limited(
-                    "accept_failed", "accept failed", listener=listener.name, reason=str(e)
-                )
-                self._pause_accept(lsock, listener)
+                self._accept_failed(lsock, listener, e.errno)
             return
         self.admit(cfd, family, addr, listener)
 
+    def _accept_failed(self, lsock: socket.socket, listener: Listener, err: int) -> None:
+        """accept(2) failed for want of resources. The listener stays readable (the connection
+        is still queued), so doing nothing would spin. Out of descriptors, the spare one makes
+        room to take the connection off the queue and close it: the client is refused at once
+        and the next one is looked at when it arrives. Without a spare (or out of memory),
+        accepting pauses for ACCEPT_PAUSE. Live connections are served throughout, and
+        accepting resumes by itself as descriptors come back."""
+        name = errno.errorcode.get(err, str(err))
+        self.stats.accept_failures[name] += 1
+        refused = err in _NO_DESCRIPTOR and self._refuse_with_spare(lsock)
+        self.log.tally(
+            "accept_failed", "accept failed: out of resources, connection refused",
+            kind=f"accept_failed:{name}", errno=name, listener=listener.name,
+            action="refused" if refused else "paused", live=len(self.ctx.registry),
+        )
+        if not refused:
+            self._pause_accept(lsock, listener)
+
+    def _refuse_with_spare(self, lsock: socket.socket) -> bool:
+        if self._spare < 0:
+            return False
+        os.close(self._spare)
+        self._spare = -1
+        try:
+            cfd, _addr = lsock._accept()  # type: ignore[attr-defined]
+        except OSError:
+            pass  # gone meanwhile, or the system-wide table refilled at once
+        else:
+            # Its unread hello makes close(2) send a reset: refused, not a silent FIN.
+            os.close(cfd)
+        self._spare = _open_spare()
+        return True
+
     def _pause_accept(self, lsock: socket.socket, listener: Listener) -> None:
-        """Out of descriptors: stop accepting for a moment instead of spinning on the error."""
+        """Out of resources and no spare: stop accepting for a moment instead of spinning."""
         loop = self.ctx.loop
         fd = lsock.fileno()
         loop.remove_reader(fd)
@@ -269,7 +313,10 @@ class Worker:
         ip = plain_ip(addr[0])
         # The address key is only looked at by the per-address cap.
         key = address_key(ip) if self.admission.max_per_ip > 0 else b""
-        verdict, tracked = self.admission.admit(key)
+        admission = self.admission
+        verdict, tracked = admission.admit(key)
+        if verdict == REFUSED_GLOBAL:
+            verdict, tracked = self._make_room(key)
         if verdict:
             scope = "global" if verdict == REFUSED_GLOBAL else "per_ip"
             self.stats.refused[scope] += 1
@@ -282,7 +329,43 @@ class Worker:
             return
         os.set_blocking(cfd, False)
         self.stats.active += 1
+        registry = self.ctx.registry
+        if (
+            registry.count(Stage.HELLO)
+            and admission.mine() > admission.share
+            and admission.total() >= admission.max_total
+        ):
+            # At the cap with more than its share: give a place back, so that a worker whose
+            # own share is all established connections still has room for a newcomer.
+            oldest = registry.oldest(Stage.HELLO)
+            if oldest is not None:
+                self._evict(oldest)
         Conn(self.ctx, cfd, family, ip, addr[1], key, tracked, listener).start()
+
+    def _make_room(self, key: bytes) -> tuple[int, bool]:
+        """At the global cap: close this worker's oldest connections that have not completed
+        their hello yet until the newcomer fits. Established connections are never evicted;
+        with none in hello, the newcomer is refused."""
+        registry = self.ctx.registry
+        verdict, tracked = REFUSED_GLOBAL, False
+        for _ in range(EVICT_TRIES):
+            oldest = registry.oldest(Stage.HELLO)
+            if oldest is None:
+                break
+            self._evict(oldest)
+            verdict, tracked = self.admission.admit(key)
+            if verdict != REFUSED_GLOBAL:
+                break
+        return verdict, tracked
+
+    def _evict(self, conn: Conn) -> None:
+        self.stats.hello_evicted += 1
+        self.log.tally(
+            "hello_evicted", "connection without a complete hello evicted at the cap",
+            max=self.admission.max_total, client=f"{conn.ip}:{conn.port}",
+            listener=conn.listener.name,
+        )
+        conn.evict()
 
     # --- idle and half-close sweep ----------------------------------------------------------
 
@@ -339,3 +422,12 @@ class Worker:
             )
             conn.close()
         ctx.loop.call_later(self._sweep_interval(), self._sweep)
+
+
+def _open_spare() -> int:
+    """The reserve descriptor (any cheap one: an eventfd needs no filesystem); -1 when none
+    can be had right now."""
+    try:
+        return os.eventfd(0, os.EFD_CLOEXEC)
+    except OSError:
+        return -1
