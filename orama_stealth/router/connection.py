@@ -216,6 +216,7 @@ class Conn:
         "timer",
         "tracked",
         "up",
+        "watched",
     )
 
     def __init__(
@@ -244,6 +245,7 @@ class Conn:
         self.idle_since = 0.0
         self.half_since = 0.0  # when the first direction finished; 0 while both run
         self.last_error = ""
+        self.watched = False  # the client socket is in the relay's epoll for its reset
 
     def start(self) -> None:
         """Admitted: read the hello, or dial at once on a plain TCP listener."""
@@ -346,9 +348,16 @@ class Conn:
 
     def _arm_deadline(self) -> None:
         """The deadline timer exists only while we wait: a backend on loopback connects inside
-        connect(2), and most dials never need one."""
+        connect(2), and most dials never need one. While we wait, a client that resets is
+        noticed at once rather than when the relay starts or the deadline passes."""
         if self.timer is None:
             self.timer = self.ctx.loop.call_at(self.deadline, self._dial_timeout)
+        if not self.watched:
+            self.watched = True
+            self.ctx.relay.watch(self.cfd, self._client_reset)
+
+    def _client_reset(self) -> None:
+        self.close()
 
     def _connect(self) -> None:
         if self.phase is Phase.CLOSED:
@@ -521,6 +530,8 @@ class Conn:
         if self.down is not None:
             self.down.release()
         self.up = self.down = None
+        if self.watched:
+            ctx.relay.unwatch(self.cfd)
         self.reader = None
         self._drop_backend()
         self.phase = Phase.CLOSED

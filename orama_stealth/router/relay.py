@@ -129,13 +129,16 @@ class Relay:
     close(2) takes it out of the epoll set, no epoll_ctl is spent on it.
     """
 
-    __slots__ = ("_ep", "halves", "hup", "on_error", "stats")
+    __slots__ = ("_ep", "halves", "hup", "on_error", "stats", "watched")
 
     def __init__(self, stats: Stats, on_error: Callable[[BaseException, object], None]) -> None:
         self._ep = select.epoll()
         self.stats = stats
         self.on_error = on_error
         self.halves: dict[int, Half] = {}  # by the descriptor each one reads from
+        # Client sockets of connections still dialing their backend, watched for a reset only
+        # (see watch); a pair() made for one takes its registration over.
+        self.watched: dict[int, Callable[[], None]] = {}
         # While a Half's read runs: non-zero when epoll also reported the peer's FIN
         # (EPOLLRDHUP). Everything the peer sent before it is then already queued, so a read
         # that returns less than it asked for has reached the end.
@@ -148,10 +151,23 @@ class Relay:
         self._ep.close()
         self.halves.clear()
 
+    def watch(self, fd: int, on_reset: Callable[[], None]) -> None:
+        """Report an error (the peer's reset) on `fd` before it is relayed: for a client
+        waiting while its backend is dialed. Bytes it sends meanwhile wake nothing, they wait
+        for the relay; neither does a FIN, which the relay passes on like any other."""
+        self.watched[fd] = on_reset
+        self._ep.register(fd, WATCH)
+
+    def unwatch(self, fd: int) -> None:
+        """Forget a watched descriptor that is about to be closed (close(2) unregisters it)."""
+        self.watched.pop(fd, None)
+
     def pair(self, owner: Owner, cfd: int, bfd: int) -> tuple[Half, Half]:
         """The two directions of a connection: client -> backend (up), backend -> client."""
         up = Half(owner, self, cfd, bfd, True)
         down = Half(owner, self, bfd, cfd, False)
+        if self.watched.pop(cfd, None) is not None:
+            up.mask = WATCH  # already in the epoll set: the first _set modifies
         up.peer = down
         down.peer = up
         self.halves[cfd] = up
@@ -193,6 +209,9 @@ class Relay:
             # Looked up in turn: an earlier event of this batch may have closed a connection.
             half = halves.get(fd)
             if half is None:
+                gone = self.watched.get(fd)
+                if gone is not None:
+                    gone()
                 continue
             try:
                 mask = half.mask

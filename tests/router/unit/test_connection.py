@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -262,5 +263,26 @@ def test_a_name_backend_is_resolved_through_the_loop(loop_name: str, tmp_path: P
             b.close()
             await r.until(lambda: conn.phase is Phase.CLOSED)
         backend.close()
+
+    run_on(loop_name, main())
+
+
+def test_a_client_that_resets_while_its_backend_is_dialed_is_closed_at_once(
+    loop_name: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with rig(tmp_path, free_port(), backend_dial_timeout="10s") as r:
+            c, conn = await r.client()
+            await loop.sock_sendall(c, client_hello("app.example.test"))
+            # Nothing listens: the dial is retried until the 10 s deadline.
+            await r.until(lambda: conn.phase is Phase.DIAL_RETRY)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+            started = loop.time()
+            await r.until(lambda: conn.phase is Phase.CLOSED, timeout=1)
+            assert loop.time() - started < 0.5
+            assert len(r.worker.ctx.registry) == 0 and r.worker.stats.active == 0
+            assert r.worker.relay is not None and r.worker.relay.watched == {}
 
     run_on(loop_name, main())
