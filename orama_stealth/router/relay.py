@@ -13,6 +13,8 @@ Why it looks like this (figures in docs/router.md and docs/performance.md):
 - Half-close: EOF from one side becomes shutdown(SHUT_WR) on the other once everything before it
   was delivered; the connection closes when both directions are done. Readers are watched with
   EPOLLRDHUP, so a short read that came with the peer's FIN finishes the direction at once.
+- A source stays in the epoll set while its reading is paused (EPOLLERR only), so a peer that
+  resets is noticed in every state, not at the idle sweep.
 - Bulk: after a few reads that filled a TLS record, a direction switches to splice(2) through a
   pipe, so the kernel moves the bytes without copying them through Python.
 - Idle detection and byte counting are one integer per direction, bumped per read and folded by
