@@ -7,6 +7,7 @@
 - `client_hello(sni)`: the bytes of a real ClientHello, for clients that never finish TLS.
 - `Sink`: a TCP listener that completes connections but never reads them (a stuck backend).
 - `worker_pids`, `fd_count`, `cpu_seconds`: /proc views of a process tree.
+- `echo_conns`, `echoes`, `handshake`: the legitimate clients (TLS to the test backends).
 
 Run directly: `python -m support.hostile PORT CONNS SECONDS` (what `attackers` starts).
 """
@@ -25,7 +26,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from support.tls_backends import Pki, tls_connect
+
 LOOPBACK = "127.0.0.1"
+NAME = "cdn.example.test"  # routed to a TLS test backend
 FIRST_BYTE = b"\x16"  # a TLS handshake record starts so; the rest never comes
 
 
@@ -168,6 +172,53 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
     return total / tick
+
+
+def echoes(s: ssl.SSLSocket, n: int) -> bool:
+    msg = f"ping {n}\n".encode()
+    try:
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            data = s.recv(len(msg) - len(got))
+            if not data:
+                return False
+            got += data
+    except (OSError, ssl.SSLError):
+        return False
+    return got == msg
+
+
+@contextlib.contextmanager
+def echo_conns(port: int, pki: Pki, n: int) -> Iterator[list[ssl.SSLSocket]]:
+    with contextlib.ExitStack() as stack:
+        socks = []
+        for _ in range(n):
+            s = stack.enter_context(tls_connect(port, NAME, pki, timeout=10))
+            s.sendall(b"ECHO\n")
+            assert echoes(s, 0)
+            socks.append(s)
+        yield socks
+
+
+def wait_for(check: object, timeout: float, step: float = 0.05) -> bool:
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(step)
+    return bool(check())
+
+
+def handshake(port: int, pki: Pki, timeout: float) -> tuple[bool, float]:
+    """One new legitimate TLS client through the router: (completed, seconds it took)."""
+    t0 = time.monotonic()
+    try:
+        with tls_connect(port, NAME, pki, timeout=timeout):
+            return True, time.monotonic() - t0
+    except (OSError, ssl.SSLError):
+        return False, time.monotonic() - t0
 
 
 if __name__ == "__main__":
