@@ -10,16 +10,14 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
-from support.deploylab import REPO, changed
+from support.deploylab import Lab, changed
 
 from orama_stealth.probe.turn_client import Allocation, TurnConnection, allocate
 from orama_stealth.wire import turn_auth
@@ -28,45 +26,24 @@ RENEWAL_LIMIT = 60.0
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
-@dataclass
-class AcmeLab:
-    node: Any
-    status: dict[str, Any]
-    status_file: Path
-    wheel: Path
-
-    @property
-    def address(self) -> str:
-        return str(self.status["address"])
+class AcmeLab(Lab):
+    """The lab driver with what the certificate checks need: the node's first cdn name,
+    Caddy's certificates, renewals and the challenges Caddy used."""
 
     @property
     def cdn(self) -> str:
         return str(self.status["cdn_hosts"][0])
 
-    def ssh(self, command: str) -> str:
-        return str(self.node.ssh(command, check=True).stdout)
-
     def caddy_pem(self, name: str) -> bytes:
         return self.ssh(f"cat {self.node.caddy_cert_file(name)}").encode()
 
-    def deploy(self, deploy: str, *data: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py",
-                f"deploys/{deploy}.py", "--data", f"router_wheel={self.wheel}"]
-        for d in data:
-            argv += ["--data", d]
-        proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=300, check=False,
-                              env={**os.environ, "ORAMA_LAB_STATUS": str(self.status_file)})
-        print(f"--- pyinfra {deploy} exit={proc.returncode}\n{proc.stdout[-3000:]}")
-        return proc
+    def deploy(self, deploy: str, *data: str, limit: str | None = None,
+               env: dict[str, str] | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return super().deploy(deploy, *data, limit=limit, env=env, timeout=timeout)
 
-    def probe(self, sni: str, *args: str) -> dict[str, Any]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "orama_stealth.stealth_cli", "probe", f"{self.address}:443",
-             "--sni", sni, "--ca", str(self.status["ca_file"]), *args, "--json"],
-            capture_output=True, text=True, timeout=60, check=False)
-        report: dict[str, Any] = json.loads(proc.stdout)
-        return report
+    def probe(self, sni: str, *args: str) -> dict[str, Any]:  # type: ignore[override]
+        return super().probe("--sni", sni, *args)
 
     def served(self, sni: str) -> x509.Certificate:
         ctx = ssl.create_default_context(cafile=str(self.status["ca_file"]))

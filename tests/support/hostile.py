@@ -115,15 +115,6 @@ def report(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> dict[str, in
     return {str(k): int(v) for k, v in got.items()}
 
 
-def client_hello(sni: str) -> bytes:
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
-
-
 class Sink:
     """A backend that is stuck: the kernel completes its connections (a large backlog), and
     nothing ever accepts or reads them."""

@@ -49,6 +49,16 @@ def pattern(n: int) -> bytes:
     return (_PATTERN * reps)[:n]
 
 
+def client_hello(sni: str) -> bytes:
+    """The bytes of a real ClientHello (Python's ssl) for `sni`, without a server."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
 @dataclass(frozen=True)
 class Pki:
     ca: TestCA

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.loops import LOOPS
-from support.tls_backends import Pki, make_pki
+from support.tls_backends import Backend, Pki, make_pki
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +23,17 @@ def event_loop_name(request: pytest.FixtureRequest) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ORAMA_LOOP", str(request.param))
         yield str(request.param)
+
+
+@pytest.fixture(scope="module")
+def turn(pki: Pki) -> Iterator[Backend]:
+    """A TLS backend standing for the TURN server (cdn routes), one per test module."""
+    with Backend("turn", pki) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def caddy(pki: Pki) -> Iterator[Backend]:
+    """A TLS backend standing for Caddy (the fallback), one per test module."""
+    with Backend("caddy", pki) as b:
+        yield b

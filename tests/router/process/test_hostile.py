@@ -10,14 +10,11 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support.hostile import (
     NAME,
     Sink,
-    client_hello,
     cpu_seconds,
     echo_conns,
     echoes,
@@ -27,22 +24,10 @@ from support.hostile import (
     worker_pids,
 )
 from support.router import Router, router
-from support.tls_backends import Backend, Pki
+from support.tls_backends import Backend, Pki, client_hello
 
 STALL = "stall.example.test"
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close(2) sends a reset
-
-
-@pytest.fixture(scope="module")
-def turn(pki: Pki) -> Iterator[Backend]:
-    with Backend("turn", pki) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def caddy(pki: Pki) -> Iterator[Backend]:
-    with Backend("caddy", pki) as b:
-        yield b
 
 
 def reset_close(s: socket.socket) -> None:

@@ -24,18 +24,6 @@ def event_loop_name(request: pytest.FixtureRequest) -> Iterator[str]:
         yield str(request.param)
 
 
-@pytest.fixture(scope="module")
-def turn(pki: Pki) -> Iterator[Backend]:
-    with Backend("turn", pki) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def caddy(pki: Pki) -> Iterator[Backend]:
-    with Backend("caddy", pki) as b:
-        yield b
-
-
 ATTACK_CAP = 200
 ATTACK_SECONDS = 20.0
 LEGIT_EVERY = 0.05

@@ -20,18 +20,6 @@ from support.tls_backends import (
 )
 
 
-@pytest.fixture(scope="module")
-def turn(pki: Pki) -> Iterator[Backend]:
-    with Backend("turn", pki) as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def caddy(pki: Pki) -> Iterator[Backend]:
-    with Backend("caddy", pki) as b:
-        yield b
-
-
 def _routes(turn: Backend) -> list[tuple[str, tuple[str, str]]]:
     return [("cdn.example.test", ("turn", turn.addr))]
 

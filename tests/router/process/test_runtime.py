@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from support.procs import free_port, stop
+from support.tls_backends import client_hello
 
 LOOPBACK = "127.0.0.1"
 
@@ -75,15 +75,6 @@ def tag_server(name: str, port: int = 0) -> Iterator[TagServer]:
         yield srv
     finally:
         srv.close()
-
-
-def client_hello(sni: str) -> bytes:
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
 
 
 def read_line(s: socket.socket) -> bytes:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from support.loops import run_on
 from support.procs import free_port
+from support.tls_backends import client_hello
 
 from orama_stealth.router.admission import LocalAdmission
 from orama_stealth.router.config import parse_config
@@ -22,15 +22,6 @@ from orama_stealth.router.metrics import StatsRegion
 from orama_stealth.router.worker import Worker
 
 LOOPBACK = "127.0.0.1"
-
-
-def client_hello(sni: str) -> bytes:
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
 
 
 class Rig:
