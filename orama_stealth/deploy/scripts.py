@@ -149,6 +149,11 @@ CADDY_CAN_BIND = ("{ c=$(awk '/^CapEff/ {print $2}' /proc/$(systemctl show -P Ma
                   "[ $(( 0x$c & 0x400 )) -ne 0 ]; }")
 
 
+# A listening socket's Recv-Q is its accept queue: connections the kernel completed that no
+# process has accepted yet.
+QUEUED = "ss -ltnH '( sport = :443 or sport = :80 )' | awk '$2 > 0 {q=1} END {exit !q}'"
+
+
 def caddy_on(port: int) -> str:
     """Shell test: Caddy listens on `port`."""
     return f"ss -ltnpH 'sport = :{port}' | grep -q '\"caddy\"'"
@@ -201,6 +206,11 @@ def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
         f"  if [ -s {handover.DUAL_JSON} ] && [ -s {handover.REDIRECT_RULES} ] && "
         f"{caddy_on(https_from)} && {caddy_on(http_from)} && {CADDY_CAN_BIND} && "
         f"{{ {handover.add_redirect()}; }}; then handed=1; fi",
+        # Connections that reached :443/:80 just before the redirect are still in the router's
+        # accept queue: closing the listeners now would reset them. Let the router take them.
+        '  if [ "$handed" = 1 ]; then',
+        f"    sleep 0.2; for i in $(seq 1 20); do {QUEUED} || break; sleep 0.1; done",
+        "  fi",
         # A stop job (not a kill): Restart=always must not bring the router back.
         f"  systemctl stop --no-block {ALL_UNITS}",
         f"  for i in $(seq 1 100); do {held} || break; sleep 0.1; done",

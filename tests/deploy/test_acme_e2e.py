@@ -225,6 +225,10 @@ def test_acme_node_certificates_through_the_router(acme_lab: AcmeLab) -> None:
     assert lab.cdn in out and f"{stale:X}" in out and f"{fresh:X}" in out, out[-3000:]
     assert "systemctl start orama-turn-cert.service" in out
     lab.ssh("systemctl start orama-turn-cert.service")
+    # coturn takes the new files on SIGUSR2, a moment after the oneshot returns.
+    deadline = time.monotonic() + 15
+    while lab.served(lab.cdn).serial_number != fresh and time.monotonic() < deadline:
+        time.sleep(0.25)
     assert lab.served(lab.cdn).serial_number == fresh
     before.conn.close()
     peer.conn.close()
