@@ -30,6 +30,9 @@ class Snapshot:
     installed: str | None = None
     caddy_proxy_protocol: bool = False
     nft: bool = False  # the switch's redirect needs nftables (deploy/handover.py)
+    # The running router writes its reload outcome to a status file: it upgrades in place on
+    # reload. One started from an earlier release does not, and needs one restart.
+    router_in_place: bool = False
     # port -> process names listening on it (any address)
     listeners: dict[int, set[str]] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +80,7 @@ grep -q '^# >>> orama-stealth managed' {cf} 2>/dev/null && echo caddyfile_manage
 caddy list-modules 2>/dev/null | grep -qx caddy.listeners.proxy_protocol \
   && echo caddy_proxy_protocol=yes
 command -v nft >/dev/null 2>&1 && echo nft=yes
+[ -e {layout.ROUTER_STATUS} ] && echo router_in_place=yes
 ss -ltnpH 2>/dev/null | awk '{{print "listen=" $4 " " $6}}'
 [ -e {layout.STATE_FILE} ] && echo "state=$(tr -d '\\n' < {layout.STATE_FILE})"
 echo complete=yes
@@ -108,7 +112,7 @@ def parse_snapshot(lines: list[str]) -> Snapshot:
         elif key == "router_enabled":
             snap.router_enabled = value == "enabled"
         elif key in ("router_unit", "caddy_dropin", "caddyfile_managed", "caddy_needs_reload",
-                     "caddy_proxy_protocol", "nft", "complete"):
+                     "caddy_proxy_protocol", "nft", "router_in_place", "complete"):
             setattr(snap, key, value == "yes")
         elif key in ("backup", "installed"):
             setattr(snap, key, value or None)

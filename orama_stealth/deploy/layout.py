@@ -18,6 +18,8 @@ INSTALLED_MARK = f"{VENV}/.orama-stealth-build"
 ROUTER_CONFIG = "/etc/orama/sni-router.yaml"
 ROUTER_UNIT_NAME = "orama-sni-router.service"
 ROUTER_UNIT = f"/etc/systemd/system/{ROUTER_UNIT_NAME}"
+# The router's reload outcome (RuntimeDirectory=orama-sni-router, router/status.py).
+ROUTER_STATUS = "/run/orama-sni-router/status.json"
 # Socket units hold :443/:80 for the router; FileDescriptorName matches the listener names
 # of sni-router.yaml ("https" is the main TLS listener, "http" the plain :80 forward).
 SOCKETS = {"https": 443, "http": 80}

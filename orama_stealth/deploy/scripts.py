@@ -81,7 +81,10 @@ def install_router(wheel_dir: str, pip_wheel: str, fingerprint: str) -> str:
         'tail -n 3)"; }',
         "fi",
         f"echo {fingerprint} > {mark}",
-        f"if systemctl is-active -q {UNIT}; then",
+        f"if systemctl is-active -q {UNIT} && [ ! -e {layout.ROUTER_STATUS} ]; then",
+        '  echo "orama-stealth: the running router predates in-place upgrades: the unit step '
+        'restarts it once" >&2',
+        f"elif systemctl is-active -q {UNIT}; then",
         f"  if ! out=$(systemctl reload {UNIT} 2>&1); then",
         f"    why=$(journalctl -u {UNIT} -n 30 -o cat --no-pager 2>/dev/null | "
         "grep -E 'event=(upgrade_failed|reload_failed)' | tail -n 1)",
@@ -248,3 +251,21 @@ def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
         "true",
     ]
     return "\n".join(lines)
+
+
+def restart_once(https_to: int, http_to: int) -> str:
+    """The one restart a router from a release before in-place upgrades needs. New
+    connections go straight to Caddy's ports meanwhile (the handover's redirect, staged
+    beforehand), so :443 keeps answering while the old router drains; connections it relays
+    end with its drain."""
+    return "\n".join([
+        "set -u",
+        f"trap '{handover.delete_table()}; rm -f {handover.REDIRECT_RULES}' EXIT",
+        f"redirected=0; [ -s {handover.REDIRECT_RULES} ] && "
+        f"{{ {handover.add_redirect()}; }} && redirected=1",
+        'if [ "$redirected" = 1 ]; then',
+        f"  sleep 0.2; for i in $(seq 1 20); do {QUEUED} || break; sleep 0.1; done",
+        "fi",
+        f"systemctl daemon-reload && systemctl restart {UNIT} || exit 1",
+        f'if [ "$redirected" = 1 ]; then {handover.remove_redirect(https_to, http_to)}; fi',
+    ])

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from support.deploylab import REPO, Lab, build_wheel
+from support.deploylab import REPO, Lab, build_wheel, changed
 
 from orama_stealth.lab.clientloop import ClientLoop
 
@@ -98,3 +99,53 @@ def test_reload_and_upgrade_refuse_nothing_and_keep_open_connections(
     assert status["build"] == build and str(status["pid"]) == pid
     served = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
     assert served["ok"], served
+
+
+# The last release before in-place upgrades (its router cannot re-execute itself).
+PREVIOUS_RELEASE = "e648396"
+
+
+def previous_release(tmp: Path) -> Path:
+    """The previous release's tree (git archive of this repository), with the wheelhouse its
+    deploy uploads."""
+    if subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], cwd=REPO,
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip(f"commit {PREVIOUS_RELEASE} is not in this clone's history")
+    tree = tmp / "previous"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", PREVIOUS_RELEASE], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    (tree / "build").mkdir()
+    shutil.copytree(REPO / "build" / "wheelhouse", tree / "build" / "wheelhouse")
+    return tree
+
+
+def test_upgrade_from_the_release_before_in_place_upgrades(lab: Lab, tmp_path: Path) -> None:
+    """A node cut over by the previous release (its own deploy and router) is upgraded by the
+    current cutover: its router is restarted once, with new connections sent to Caddy's ports
+    meanwhile, and reloads in place from then on."""
+    old = previous_release(tmp_path)
+    old_wheel = build_wheel(tmp_path / "old-wheel", old)
+    argv = [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py", "deploys/cutover.py",
+            "--data", f"router_wheel={old_wheel}"]
+    env = {**lab.env(), "PYTHONPATH": str(old)}
+    first = subprocess.run(argv, cwd=old, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert lab.node.ssh("test -e /run/orama-sni-router/status.json").returncode != 0
+    pid = main_pid(lab)
+
+    ca = str(lab.status["ca_file"])
+    with ClientLoop(lab.address, 443, lab.base, ca, max_seconds=240) as loop:
+        upgrade = lab.deploy("cutover")
+    assert upgrade.returncode == 0, upgrade.stdout[-3000:]
+    assert "predates in-place upgrades" in upgrade.stdout
+    measured(loop, "upgrade from the previous release")
+    assert main_pid(lab) != pid
+    status = json.loads(lab.ssh("cat /run/orama-sni-router/status.json"))
+    assert status["ok"] is True and status["build"] == running_build(lab).split()[-1]
+    assert lab.ssh("nft list tables").strip() == "" or \
+        "orama_stealth_handover" not in lab.ssh("nft list tables")
+    again = lab.deploy("cutover")
+    assert again.returncode == 0 and changed(again) == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from orama_stealth.deploy import layout, render, runlog, scripts
+from orama_stealth.deploy import handover, layout, render, runlog, scripts
 from orama_stealth.deploy.ops.common import (
     Commands,
     executing,
@@ -26,6 +26,8 @@ from orama_stealth.deploy.wheels import wheel_set
 
 # pip installing the router on a small, busy node takes tens of seconds.
 INSTALL_TIMEOUT = 300
+# A restart waits for the old router's drain (drain_timeout, 30 s by default) and its start.
+RESTART_TIMEOUT = 300
 
 
 @operation()
@@ -73,7 +75,20 @@ def router_unit() -> Commands:
     yield from put(layout.ROUTER_UNIT, text=unit)
     for fd_name, path in zip(layout.SOCKETS, layout.SOCKET_UNITS, strict=True):
         yield from put(path, text=render.router_socket(fd_name))
-    if current == unit or not snapshot(s).router_active:
+    snap = snapshot(s)
+    if not snap.router_active:
+        return
+    if not snap.router_in_place:
+        # Started by a release before in-place upgrades: it cannot re-execute itself, and the
+        # new unit's reload command would wait for an outcome it never writes.
+        say("the running router predates in-place upgrades: restarting it once (new "
+            "connections go to Caddy's ports while it drains)")
+        stage(handover.redirect_rules(s.caddy_https_port, s.caddy_http_port),
+              handover.REDIRECT_RULES.rsplit("/", 1)[1])
+        yield sh(scripts.restart_once(s.caddy_https_port, s.caddy_http_port),
+                 timeout=RESTART_TIMEOUT)
+        return
+    if current == unit:
         return
     restart = needs_new_process(current, unit) if current else []
     if restart:
