@@ -2,7 +2,9 @@
 
 Each message is a 4-byte big-endian length and a JSON object with a `type`:
 
-- worker -> supervisor: `{"type": "ready", "loop": "uvloop"}` once it serves.
+- worker -> supervisor: `{"type": "ready", "loop": "uvloop"}` once it serves;
+  `{"type": "failed", "error": ...}` as it dies of an exception (so the supervisor can say why
+  an upgrade's new workers never served).
 - supervisor -> worker: `{"type": "reload", "path": ..., "text": ...}`, the config file's text
   the supervisor has just validated; the worker parses the same text (the file may have changed
   since), so both run exactly the configuration the supervisor accepted.
@@ -36,6 +38,10 @@ def encode(msg: Message) -> bytes:
 
 def ready(loop: str) -> bytes:
     return encode({"type": "ready", "loop": loop})
+
+
+def failed(error: str) -> bytes:
+    return encode({"type": "failed", "error": error})
 
 
 def reload(path: str, text: str) -> bytes:

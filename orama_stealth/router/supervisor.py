@@ -77,6 +77,7 @@ class WorkerSlot:
     started: float = 0.0
     decoder: control.Decoder = field(default_factory=control.Decoder)
     restart_at: float = 0.0
+    error: str = ""  # what the worker said as it died of an exception
 
 
 @dataclass
@@ -282,17 +283,20 @@ class Supervisor:
                     self.region, child, log,
                 ).run()
             except BaseException:
+                error = traceback.format_exc().strip().splitlines()[-1]
                 with contextlib.suppress(BaseException):
-                    Logger().error(
-                        "worker_crashed", "worker failed", worker=slot.index,
-                        error=traceback.format_exc().strip().splitlines()[-1],
-                    )
+                    Logger().error("worker_crashed", "worker failed", worker=slot.index,
+                                   error=error)
+                with contextlib.suppress(BaseException):
+                    child.settimeout(1.0)
+                    child.sendall(control.failed(error))
             finally:
                 os._exit(code)
         child.close()
         slot.pid = pid
         slot.channel = parent
         slot.ready = False
+        slot.error = ""
         slot.decoder = control.Decoder()
         slot.started = time.monotonic()
         parent.setblocking(False)
@@ -342,7 +346,9 @@ class Supervisor:
                 self._respawn_due(now)
                 self._poll_check()
                 if self.adopting and now >= self.adopt_deadline:
-                    self._adoption_late()
+                    self._adoption_failed(
+                        f"the new build's workers did not start within {ADOPT_TIMEOUT:g}s"
+                    )
                 if self._watchdog and now >= self._next_watchdog:
                     sd.notify("WATCHDOG=1")
                     self._next_watchdog = now + self._watchdog
@@ -395,6 +401,8 @@ class Supervisor:
             if msg["type"] == "ready":
                 slot.ready = True
                 self.loop_name = str(msg.get("loop", self.loop_name))
+            elif msg["type"] == "failed":
+                slot.error = str(msg.get("error", ""))
         if not all(s.ready for s in self.slots):
             return
         if not self.announced:
@@ -450,6 +458,10 @@ class Supervisor:
             if slot is None:
                 self._retire_old(pid, wstatus)
                 continue
+            if slot.channel is not None:
+                # What it said last (why it failed) may still be unread.
+                self._on_worker_message(slot)
+            served = slot.ready
             self._retire(slot)
             if self.stopping:
                 continue
@@ -461,8 +473,15 @@ class Supervisor:
             slot.restart_at = now + delay
             self.log.warn(
                 "worker_exited", "worker died, restarting it", worker=slot.index, pid=pid,
-                status=code, restart_in=f"{delay:g}s",
+                status=code, restart_in=f"{delay:g}s", error=slot.error or None,
             )
+            if self.adopting and not served:
+                # The new build cannot serve: say so now rather than at the adoption deadline.
+                why = f": {slot.error}" if slot.error else ""
+                self._adoption_failed(
+                    f"worker {slot.index} of the new build exited with status {code} "
+                    f"before serving{why}"
+                )
 
     def _retire(self, slot: WorkerSlot) -> None:
         assert self.region is not None
@@ -776,12 +795,12 @@ class Supervisor:
         self._write_status(True, None)
         self._run_pending_reload()
 
-    def _adoption_late(self) -> None:
-        """The new build's workers do not come up: say so, and let the old ones serve on (they
-        are drained if the new ones do come up later)."""
+    def _adoption_failed(self, reason: str) -> None:
+        """The new build's workers do not come up (one died before serving, or none served in
+        time): say so, and let the old ones serve on (they are drained if the new ones do come
+        up later)."""
         self.adopting = False
         self.counters.upgrade_failures += 1
-        reason = f"the new build's workers did not start within {ADOPT_TIMEOUT:g}s"
         self.log.error(
             "upgrade_failed", "new build's workers not serving, the old ones keep serving",
             reason=reason, build=self.build.fingerprint, from_build=self.adopted_from,
@@ -816,7 +835,8 @@ class Supervisor:
             draining = 0
             for g in self.old:
                 for ow in list(g.workers.values()):
-                    draining += 1
+                    # Old workers serve on, undrained, when the new build's never came up.
+                    draining += ow.draining
                     snap = g.region.read(ow.index)
                     if snap is not None:
                         snaps.append(snap)

@@ -11,7 +11,10 @@ from orama_stealth.router.loop import LoopError, choose
 
 
 def test_messages_survive_any_split_and_come_out_in_order() -> None:
-    stream = control.ready("uvloop") + control.reload("/etc/x.yaml", "listen: ':443'\n" * 500)
+    stream = (
+        control.ready("uvloop") + control.reload("/etc/x.yaml", "listen: ':443'\n" * 500)
+        + control.failed("RuntimeError: no loop")
+    )
     for step in (1, 3, 7, len(stream)):
         dec = control.Decoder()
         got: list[control.Message] = []
@@ -20,6 +23,7 @@ def test_messages_survive_any_split_and_come_out_in_order() -> None:
         assert got == [
             {"type": "ready", "loop": "uvloop"},
             {"type": "reload", "path": "/etc/x.yaml", "text": "listen: ':443'\n" * 500},
+            {"type": "failed", "error": "RuntimeError: no loop"},
         ]
 
 
