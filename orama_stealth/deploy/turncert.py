@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import logging
 import shlex
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,14 +35,14 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 
 from orama_stealth.deploy import render, turnlisteners
-from orama_stealth.deploy.ops.common import COMMAND_TIMEOUT, FACT_TIMEOUT, put, sh
+from orama_stealth.deploy.ops.common import COMMAND_TIMEOUT, FACT_TIMEOUT, held_ports, put, sh
 from orama_stealth.deploy.settings import HostDataLike, NodeSettings, SettingsError
 from orama_stealth.deploy.turnlisteners import Listener, ListenerPlan
 
 Commands = Generator[Any, None, None]
 logger = logging.getLogger("orama_stealth.deploy")
 
-TLS_DIR = "/etc/orama/turn-tls"
+TLS_DIR = turnlisteners.TLS_DIR
 CERT = f"{TLS_DIR}/cert.pem"
 KEY = f"{TLS_DIR}/key.pem"
 SCRIPT = "/usr/local/lib/orama-stealth/turn-cert-sync"
@@ -110,14 +110,16 @@ def issuer_key(directory: str) -> str:
     return key.lower().replace(":", "-")
 
 
-def turn_cert_settings(s: NodeSettings, data: HostDataLike) -> TurnCertSettings:
+def turn_cert_settings(s: NodeSettings, data: HostDataLike,
+                       held: Mapping[str, int] | None = None) -> TurnCertSettings:
+    """`held`: the instances' ports on the node (turnlisteners.plan)."""
     def text(key: str, default: str) -> str:
         value = data.get(key, default)
         if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
             raise SettingsError(f"host {s.host}: {key}: expected a non-empty word, got {value!r}")
         return value.strip()
 
-    plan = turnlisteners.plan(s, data)
+    plan = turnlisteners.plan(s, data, held)
     raw_days = data.get("cert_min_days", 14)
     try:
         days = float(raw_days)
@@ -212,10 +214,11 @@ def node_confs(t: TurnCertSettings, current: str) -> dict[str, str]:
     else:
         main_relay, slices = turnlisteners.relay_range(own), []
     confs = {t.conf: managed_conf(current, main_relay if t.plan.slots else None)}
-    for k, li in enumerate(t.instances):
+    for li in t.instances:
         d = copy_dir(li)
+        # The slot's own slice: a name keeps it as long as it keeps its port.
         confs[instance_conf_path(li)] = turnlisteners.instance_conf(
-            own, li, f"{d}/cert.pem", f"{d}/key.pem", slices[k])
+            own, li, f"{d}/cert.pem", f"{d}/key.pem", slices[li.slot])
     return confs
 
 
@@ -310,7 +313,7 @@ def _settings() -> tuple[NodeSettings, TurnCertSettings]:
     from orama_stealth.deploy.settings import settings_from_data
 
     s = settings_from_data(host.name, host.data)
-    return s, turn_cert_settings(s, host.data)
+    return s, turn_cert_settings(s, host.data, held_ports())
 
 
 def _state(t: TurnCertSettings) -> TurnCertState:

@@ -9,10 +9,13 @@ a port of its own; the router sends each name to its listener. The instances sha
 TURN server's realm, secret and addresses (so REST credentials work on all of them) and each
 has a slice of the relay port range of its own.
 
-Ports: instance k (0, 1, ... in inventory order of the names after the main one) listens on
-`turn_listener_port + 2k` (default the main TLS port + 2) and, as coturn always does, on the
-next port as its alternate TLS port. Adding a namespace at the end of the list keeps every
-other name on its port; removing one renumbers the names after it.
+Ports: the listeners sit in `turn_listener_slots` slots; slot k is TLS port
+`turn_listener_port + 2k` (default the main TLS port + 2) and, as coturn always does, the next
+port as its alternate TLS port, plus relay slice k. A name keeps its slot for as long as it is
+in the inventory: the deploy reads the slots the node's instances hold (`ListenerPortsFact`,
+their configs' `tls-listening-port`), keeps every existing name in its slot, gives each new
+name the lowest free one and frees the slot of a removed name. So adding or removing a
+namespace never moves (and never restarts) any other name's listener.
 
 Relay ports: two coturn processes allocating from one range would race for the same ports,
 so the range is split once, when the deploy first manages the TURN server: the main TURN
@@ -20,18 +23,23 @@ server keeps the lower half, the upper half is cut into `turn_listener_slots` eq
 one per instance. The split does not depend on the number of names, so adding a namespace
 never restarts the main TURN server.
 
-Pure functions and values only: the router config (deploy/ops/common.py) and the TURN
-certificate operations (deploy/turncert.py) both read them.
+Pure functions and values, and the fact reading the node's slots: the router config
+(deploy/ops/common.py), preflight and the TURN certificate operations (deploy/turncert.py) all
+plan from the same assignment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pyinfra.api.facts import FactBase
 
 from orama_stealth.deploy.settings import HostDataLike, NodeSettings, SettingsError
 
 INSTANCE_UNIT = "orama-turn-tls@.service"
+TLS_DIR = "/etc/orama/turn-tls"  # an instance's config: <TLS_DIR>/<name>/turnserver.conf
 DEFAULT_SLOTS = 8
 DEFAULT_RELAY = (49152, 65535)  # coturn's own min-port/max-port defaults (RFC 5766)
 MIN_SLICE = 64  # relay ports per instance below which the split is refused
@@ -53,6 +61,7 @@ class Listener:
     name: str  # the cdn name whose certificate this listener serves
     port: int  # its TLS port (the router's route for `name` points here)
     instance: bool  # an orama-turn-tls@ instance; False: the main TURN server
+    slot: int = -1  # an instance's slot: its port's offset and its relay slice (see above)
 
     @property
     def unit(self) -> str:
@@ -114,9 +123,29 @@ def from_caddy(s: NodeSettings, data: HostDataLike) -> bool:
     return value
 
 
-def plan(s: NodeSettings, data: HostDataLike) -> ListenerPlan:
-    """Which listener serves which name. Without managed certificates every name stays on the
-    main TURN server (the operator gave it a certificate covering them)."""
+def assign(names: Sequence[str], held: Mapping[str, int], base: int,
+           slots: int) -> dict[str, int]:
+    """name -> slot for the instances' `names`. `held`: name -> TLS port of the instances on
+    the node. A name keeps the slot its port is in (the first in `names` order when two claim
+    one); the others take the lowest free slots in `names` order. Slots of names no longer in
+    `names` are free. More names than slots: the caller refuses."""
+    taken: dict[str, int] = {}
+    for name in names:
+        port = held.get(name)
+        if port is None or (port - base) % 2:
+            continue
+        k = (port - base) // 2
+        if 0 <= k < slots and k not in taken.values():
+            taken[name] = k
+    free = (k for k in range(slots) if k not in taken.values())
+    return {name: taken[name] if name in taken else next(free, -1) for name in names}
+
+
+def plan(s: NodeSettings, data: HostDataLike,
+         held: Mapping[str, int] | None = None) -> ListenerPlan:
+    """Which listener serves which name. `held`: name -> TLS port of the instances on the node
+    (ListenerPortsFact; none: a node without instances). Without managed certificates every
+    name stays on the main TURN server (the operator gave it a certificate covering them)."""
     first = main_name(s, data)
     managed = s.tls_mode == "acme" and from_caddy(s, data)
     main_port = s.turn_tls_port
@@ -136,15 +165,52 @@ def plan(s: NodeSettings, data: HostDataLike) -> ListenerPlan:
                 f"port only, so it takes one cdn name in tls_mode acme; {len(extra) + 1} are "
                 "set (use turn_source: router, or turn_cert_from_caddy: false with a "
                 "certificate covering every name)")
-        ports = [base + 2 * k for k in range(len(extra))]
+        slot = assign(extra, held or {}, base, slots)
+        ports = sorted(base + 2 * k for k in slot.values())
         if ports and (ports[-1] + 1 > 65535 or any(
                 p <= main_port + 1 and main_port <= p + 1 for p in ports)):
             raise SettingsError(
                 f"host {s.host}: turn_listener_port: {base} gives the listeners ports "
                 f"{ports[0]}-{ports[-1] + 1}, which must stay below 65536 and clear of the "
                 f"main TURN server's TLS ports {main_port}-{main_port + 1}")
-        listeners += [Listener(n, p, True) for n, p in zip(extra, ports, strict=True)]
+        listeners += [Listener(n, base + 2 * slot[n], True, slot[n]) for n in extra]
     return ListenerPlan(first, main_port, base, slots, managed, tuple(listeners))
+
+
+@dataclass
+class HeldPorts:
+    ports: dict[str, int] = field(default_factory=dict)  # name -> its instance's TLS port
+    complete: bool = False  # the read ran to its end (a failed read must not free slots)
+
+
+class ListenerPortsFact(FactBase[HeldPorts]):
+    """The TLS port of every instance config on the node (`tls-listening-port`, the line
+    instance_conf writes), by the name of its directory."""
+
+    @staticmethod
+    def default() -> HeldPorts:
+        return HeldPorts()
+
+    def command(self) -> str:
+        glob = f"{shlex.quote(TLS_DIR)}/*/turnserver.conf"
+        return (f'for f in {glob}; do [ -f "$f" ] || continue; d=${{f%/*}}; '
+                "echo \"port=${d##*/}=$(sed -n 's/^tls-listening-port=\\([0-9]*\\)$/\\1/p' "
+                '"$f" | tail -n1)"; done; echo complete=yes')
+
+    def process(self, output: list[str]) -> HeldPorts:
+        return parse_held(output)
+
+
+def parse_held(lines: list[str]) -> HeldPorts:
+    held = HeldPorts()
+    for line in lines:
+        key, _, value = line.strip().partition("=")
+        name, _, port = value.rpartition("=")
+        if key == "port" and name and port.isdigit():
+            held.ports[name] = int(port)
+        elif key == "complete":
+            held.complete = True
+    return held
 
 
 # ---- turnserver.conf texts ------------------------------------------------------------------

@@ -23,11 +23,11 @@ static-auth-secret=abc
 """
 
 
-def _t(**data: object) -> turncert.TurnCertSettings:
+def _t(held: dict[str, int] | None = None, **data: object) -> turncert.TurnCertSettings:
     full: dict[str, object] = {"base_domain": "example.test", "tls_mode": "acme",
                                **data}
     s = settings_from_data("node-1", full)
-    return turncert.turn_cert_settings(s, full)
+    return turncert.turn_cert_settings(s, full, held)
 
 
 def test_issuer_key_matches_caddy_storage_layout() -> None:
@@ -164,3 +164,68 @@ def test_instance_unit_verifies(tmp_path: Path) -> None:
                 if "orama-turn-tls" in line and "coturn.service" not in line
                 and "User=" not in line]
     assert not problems, proc.stderr
+
+
+def test_slots_stay_with_their_names() -> None:
+    assign = turnlisteners.assign
+    # A fresh node: inventory order, lowest slots first.
+    assert assign(["b", "c", "d"], {}, 5351, 8) == {"b": 0, "c": 1, "d": 2}
+    # c removed from the middle: b and d keep their slots, c's is free.
+    assert assign(["b", "d"], {"b": 5351, "c": 5353, "d": 5355}, 5351, 8) == {"b": 0, "d": 2}
+    # A new name takes the lowest free slot (c's old one), wherever it sits in the list.
+    assert assign(["e", "b", "d"], {"b": 5351, "d": 5355}, 5351, 8) == {"e": 1, "b": 0, "d": 2}
+    # Ports outside the slots (another turn_listener_port, fewer slots, odd offsets) and a
+    # second claim of one slot are not kept: those names move to free slots.
+    assert assign(["b", "d"], {"b": 6001, "d": 5366}, 5351, 8) == {"b": 0, "d": 1}
+    assert assign(["b", "d"], {"b": 5365}, 5351, 4) == {"b": 0, "d": 1}
+    assert assign(["b", "d"], {"b": 5353, "d": 5353}, 5351, 8) == {"b": 1, "d": 0}
+
+
+def test_removing_a_namespace_keeps_the_others_ports_and_relay_slices() -> None:
+    names = ["team-b", "team-c", "team-d"]
+    t = _t(namespaces=names, cdn_hosts=["cdn.example.test"])
+    held = {li.name: li.port for li in t.instances}
+    before = turncert.node_confs(t, CONF)
+    fewer = _t(held=held, namespaces=["team-b", "team-d"], cdn_hosts=["cdn.example.test"])
+    assert [(li.port, li.slot) for li in fewer.instances] == [(5351, 0), (5355, 2)]
+    after = turncert.node_confs(fewer, CONF)
+    # The remaining instances' configs are unchanged, so the deploy does not restart them.
+    for li in fewer.instances:
+        path = turncert.instance_conf_path(li)
+        assert after[path] == before[path]
+    assert after[t.conf] == before[t.conf]
+    assert "min-port=59392\nmax-port=60415\n" in after[turncert.instance_conf_path(
+        fewer.instances[1])]
+    # A namespace added afterwards takes the freed slot, its port and its relay slice.
+    again = _t(held={li.name: li.port for li in fewer.instances},
+               namespaces=["team-b", "team-d", "team-e"], cdn_hosts=["cdn.example.test"])
+    assert [(li.port, li.slot) for li in again.instances] == [(5351, 0), (5355, 2), (5353, 1)]
+    new = turncert.node_confs(again, CONF)[turncert.instance_conf_path(again.instances[2])]
+    assert "tls-listening-port=5353\n" in new and "min-port=58368\nmax-port=59391\n" in new
+    # The router's routes follow the same plan.
+    data = {"base_domain": "example.test", "tls_mode": "acme", "cdn_hosts": ["cdn.example.test"],
+            "namespaces": ["team-b", "team-d"], "turn_tls_addr": "10.0.0.2:5349"}
+    s = settings_from_data("node-1", data)
+    ports = {li.name: li.port for li in turnlisteners.plan(s, data, held).instances}
+    routes = yaml.safe_load(render.router_config(s, "", ports))["routes"]
+    assert [r["backend"]["addr"] for r in routes][1:] == ["10.0.0.2:5351", "10.0.0.2:5355"]
+
+
+def test_held_ports_fact_reads_the_instance_configs(tmp_path: Path) -> None:
+    for name, text in (("a.test", "x=1\ntls-listening-port=5351\nalt-tls-listening-port=5352\n"),
+                       ("b.test", "tls-listening-port=5357\n"), ("c.test", "no port\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "turnserver.conf").write_text(text)
+    (tmp_path / "d.test").mkdir()  # a directory without a config holds no port
+    (tmp_path / "a.test" / "turnserver.conf.new").write_text("tls-listening-port=6000\n")
+    command = turnlisteners.ListenerPortsFact().command().replace(turnlisteners.TLS_DIR,
+                                                                   str(tmp_path))
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=10,
+                         check=True).stdout.splitlines()
+    held = turnlisteners.ListenerPortsFact().process(out)
+    assert held.complete and held.ports == {"a.test": 5351, "b.test": 5357}
+    empty = subprocess.run(["sh", "-c", command.replace(str(tmp_path), str(tmp_path / "no"))],
+                           capture_output=True, text=True, timeout=10, check=True).stdout
+    assert turnlisteners.parse_held(empty.splitlines()) == turnlisteners.HeldPorts({}, True)
+    # A read cut short frees nothing: the deploy refuses it (ops/common.py: held_ports).
+    assert not turnlisteners.parse_held(out[:1]).complete

@@ -176,12 +176,29 @@ def turn_tls_target(s: NodeSettings, strict: bool = False) -> str:
     return addr
 
 
+def held_ports() -> dict[str, int]:
+    """The TLS port each TURN listener instance on the node holds (turnlisteners.plan keeps
+    every name there); NodeReadError when the read did not complete, since a partial read would
+    move listeners."""
+    held: turnlisteners.HeldPorts = host.get_fact(turnlisteners.ListenerPortsFact,
+                                                  _timeout=FACT_TIMEOUT)
+    if not held.complete:
+        raise NodeReadError(f"could not read the TURN listeners' ports under "
+                            f"{turnlisteners.TLS_DIR} within {FACT_TIMEOUT}s")
+    return held.ports
+
+
+def listener_plan(s: NodeSettings) -> turnlisteners.ListenerPlan:
+    """Which TURN listener serves which cdn name, every existing name on its port."""
+    return turnlisteners.plan(s, host.data, held_ports())
+
+
 def new_router_config(s: NodeSettings) -> tuple[str, str]:
     """(current text, merged text) of the node's sni-router.yaml."""
     current = read_text(layout.ROUTER_CONFIG)
     kept = operator_routes(current, layout.ROUTER_CONFIG, set(s.cdn_hosts))
     turn = backend_addr(turn_tls_target(s), s.turn_source)
-    ports = {li.name: li.port for li in turnlisteners.plan(s, host.data).instances}
+    ports = {li.name: li.port for li in listener_plan(s).instances}
     return current, render.router_config(resolved(s, turn), routes_yaml(kept), ports)
 
 

@@ -17,6 +17,7 @@ from orama_stealth.deploy.ops.common import (
     executing,
     failure,
     guarded,
+    listener_plan,
     new_caddyfile,
     new_router_config,
     run,
@@ -102,7 +103,7 @@ def preflight() -> Commands:
 def _problems(s: NodeSettings) -> list[str]:
     snap = snapshot(s)
     problems = preflight_problems(s, snap)
-    problems += turnlisteners.port_problems(turnlisteners.plan(s, host.data), snap.owners)
+    problems += turnlisteners.port_problems(listener_plan(s), snap.owners)
     try:
         check_canary(host.state, host, s)
     except CanaryRefusal as exc:
