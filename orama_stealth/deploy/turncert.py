@@ -12,7 +12,7 @@ a command (that needs a plugin), hence systemd.
 coturn has one certificate (no SNI selection), so each name has a TLS listener of its own
 (deploy/turnlisteners.py): the main TURN server for `turn_cert_name` (default the first cdn
 name), an `orama-turn-tls@<name>` coturn instance for every other. Adding a name starts its
-instance and never restarts the others.
+instance, removing one stops and deletes its own; the others keep their processes and ports.
 
 Rollback stops and removes the instances, the units, the script and the copies, restores the
 TURN server's own `cert=`/`pkey=`/`min-port=`/`max-port=` lines and restarts it (it only reads

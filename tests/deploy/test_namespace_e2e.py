@@ -1,6 +1,8 @@
 """Namespaces on an ACME node (lab pebble): every cdn name has a TURN TLS listener serving
-Caddy's own certificate for it, and adding a namespace to the inventory and re-running the
-cutover brings its name up with reloads only, while clients keep connecting through :443."""
+Caddy's own certificate for it; adding namespaces to the inventory and re-running the cutover
+brings their names up with reloads only, and removing one from the middle of the list takes
+its name down while every other name keeps its listener, its port and its calls, and clients
+keep connecting through :443."""
 
 from __future__ import annotations
 
@@ -107,13 +109,14 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
 
     before = main_pids()
     third = stealth_host("team-c", base)
+    fourth = stealth_host("team-d", base)
     since = ssh("date '+%Y-%m-%d %H:%M:%S'").strip()
     # Calls in flight on both existing names: their allocations must outlive the re-run.
     calls = [_allocation(status, name) for name in two]
     with ClientLoop(str(status["address"]), 443, base, str(status["ca_file"]), interval=0.005,
                     long_lived=5, max_seconds=600) as loop:
         assert loop.check_long_lived() == [""] * 5
-        out = _deploy(status_file, release_wheel, "cutover", "namespaces=team-b,team-c")
+        out = _deploy(status_file, release_wheel, "cutover", "namespaces=team-b,team-c,team-d")
         held = loop.check_long_lived()
     summary = loop.summary()
     refreshed = [a.refresh(600) for a in calls]
@@ -132,8 +135,62 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
     journal = ssh(f"journalctl -o cat --since '{since}' -u orama-sni-router -u caddy "
                   "| grep -ciE 'reload' || true")
     assert int(journal.strip() or 0) >= 2, journal
-    names_served([*two, third])
-    assert ssh(f"systemctl is-active orama-turn-tls@{third}").strip() == "active"
+    names_served([*two, third, fourth])
+    for name in (third, fourth):
+        assert ssh(f"systemctl is-active orama-turn-tls@{name}").strip() == "active"
+
+    # Remove team-c from the middle of the list: team-b and team-d keep their instances (same
+    # MainPID), their ports and their calls; team-c's instance, files and route go.
+    left_names = [*two, fourth]
+
+    def port_of(name: str) -> int:
+        conf = ssh(f"cat /etc/orama/turn-tls/{name}/turnserver.conf")
+        return int(conf.split("\ntls-listening-port=", 1)[1].split("\n", 1)[0])
+
+    def pids_and_ports() -> dict[str, tuple[str, int | None]]:
+        units = {"orama-sni-router": None, "caddy": None, "coturn": None,
+                 **{f"orama-turn-tls@{n}": port_of(n) for n in (two[1], fourth)}}
+        return {u: (ssh(f"systemctl show -P MainPID {u}").strip(), port)
+                for u, port in units.items()}
+
+    before = pids_and_ports()
+    third_port = port_of(third)
+    assert before[f"orama-turn-tls@{fourth}"][1] == third_port + 2, before
+    since = ssh("date '+%Y-%m-%d %H:%M:%S'").strip()
+    calls = [_allocation(status, name) for name in left_names]
+    with ClientLoop(str(status["address"]), 443, base, str(status["ca_file"]), interval=0.005,
+                    long_lived=5, max_seconds=600) as loop, \
+            ClientLoop(str(status["address"]), 443, fourth, str(status["ca_file"]),
+                       interval=0.02, http=False, max_seconds=600) as turn_loop:
+        assert loop.check_long_lived() == [""] * 5
+        _deploy(status_file, release_wheel, "cutover", "namespaces=team-b,team-d")
+        held = loop.check_long_lived()
+    summary, turn_summary = loop.summary(), turn_loop.summary()
+    refreshed = [a.refresh(600) for a in calls]
+    print(f"remove namespace: {summary.line()} turn_tls[{fourth}]: {turn_summary.line()} "
+          f"long_lived={held} turn_refresh={refreshed}")
+    assert summary.attempts > 100 and summary.failed == 0, summary.line()
+    assert turn_summary.attempts > 50 and turn_summary.failed == 0, turn_summary.line()
+    assert all(h in ("", "IncompleteReadError") for h in held), held
+    assert refreshed == [600, 600, 600]
+    for a in calls:
+        a.conn.close()
+    after = pids_and_ports()
+    assert after == before, (before, after)
+    for unit, (pid, port) in after.items():
+        if port is not None:
+            # The instance that answers on the port is the one that was there before.
+            assert f"pid={pid}," in ssh(f"ss -ltnpH 'sport = :{port}'"), (unit, port)
+    journal = ssh(f"journalctl -o cat --since '{since}' -u orama-sni-router -u caddy "
+                  "| grep -ciE 'reload' || true")
+    assert int(journal.strip() or 0) >= 2, journal
+    gone = ssh(f"systemctl list-units --all --plain --no-legend 'orama-turn-tls@{third}*' "
+               f"| wc -l; ls -d /etc/orama/turn-tls/{third} 2>/dev/null | wc -l; "
+               f"grep -c '{third}' /etc/orama/sni-router.yaml /etc/caddy/Caddyfile || true; "
+               f"ss -ltnH 'sport = :{third_port}' | wc -l").split()
+    assert gone[:2] == ["0", "0"] and gone[-1] == "0", gone
+    assert all(line.endswith(":0") for line in gone[2:-1]), gone
+    names_served(left_names)
 
     # Rollback removes every instance, unit, config and copy.
     _deploy(status_file, release_wheel, "rollback")
