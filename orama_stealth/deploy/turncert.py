@@ -34,7 +34,7 @@ from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from orama_stealth.deploy import render, turnlisteners
+from orama_stealth.deploy import caddyaccount, render, turnlisteners
 from orama_stealth.deploy.ops.common import COMMAND_TIMEOUT, FACT_TIMEOUT, held_ports, put, sh
 from orama_stealth.deploy.settings import HostDataLike, NodeSettings, SettingsError
 from orama_stealth.deploy.turnlisteners import Listener, ListenerPlan
@@ -53,7 +53,7 @@ UNIT_DIR = "/etc/systemd/system"
 INSTANCE_TEMPLATE = f"{UNIT_DIR}/{turnlisteners.INSTANCE_UNIT}"
 UNITS = tuple(f"{UNIT_DIR}/{u}" for u in (SERVICE, PATH_UNIT, TIMER))
 DEFAULT_ACME_CA = "https://acme-v02.api.letsencrypt.org/directory"  # Caddy's default
-DEFAULT_STORAGE = "/var/lib/caddy/.local/share/caddy"  # Debian's caddy.service (HOME)
+DEFAULT_STORAGE = caddyaccount.DEFAULT_STORAGE
 CERT_WAIT = 120  # seconds for Caddy to obtain a missing certificate through the router
 LISTEN_WAIT = 10  # seconds for a started TURN listener to accept
 MARK = "#orama-stealth# "

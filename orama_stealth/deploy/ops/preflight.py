@@ -8,7 +8,7 @@ import json
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from orama_stealth.deploy import layout, runlog, scripts, turnlisteners
+from orama_stealth.deploy import caddyaccount, layout, runlog, scripts, turnlisteners
 from orama_stealth.deploy.canary import CanaryRefusal, check_canary
 from orama_stealth.deploy.facts import Snapshot
 from orama_stealth.deploy.ops.common import (
@@ -104,6 +104,8 @@ def _problems(s: NodeSettings) -> list[str]:
     snap = snapshot(s)
     problems = preflight_problems(s, snap)
     problems += turnlisteners.port_problems(listener_plan(s), snap.owners)
+    storage = str(host.data.get("caddy_storage", caddyaccount.DEFAULT_STORAGE))
+    problems += caddyaccount.problems(run(caddyaccount.check_command(storage))[1])
     try:
         check_canary(host.state, host, s)
     except CanaryRefusal as exc:
