@@ -26,6 +26,11 @@ SOCKETS = {"https": 443, "http": 80}
 SOCKET_UNIT_NAMES = tuple(f"orama-sni-router-{name}.socket" for name in SOCKETS)
 SOCKET_UNITS = tuple(f"/etc/systemd/system/{unit}" for unit in SOCKET_UNIT_NAMES)
 CADDY_DROPIN = "/etc/systemd/system/caddy.service.d/orama-stealth.conf"
+# net.ipv4.tcp_migrate_req=1: Caddy 2.6 gives each config its own SO_REUSEPORT socket and
+# closes the old one at a reload; the kernel then moves the connections still queued on it to
+# the new one instead of resetting them (the router's dials to Caddy, every reload).
+SYSCTL_DROPIN = "/etc/sysctl.d/60-orama-stealth.conf"
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 DEFAULT_CADDYFILE = "/etc/caddy/Caddyfile"
 

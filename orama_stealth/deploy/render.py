@@ -157,3 +157,10 @@ def caddyfile(s: NodeSettings, current: str) -> str:
                    tls_cert_file=s.tls_cert_file, tls_key_file=s.tls_key_file)
     body = "\n".join(lines).rstrip("\n")
     return body + "\n\n" + "\n".join(_block("sites", sites.strip("\n"))) + "\n"
+
+
+def sysctl_dropin() -> str:
+    return ("# Written by the orama-stealth cutover; deploys/rollback.py removes it.\n"
+            "# Caddy closes its old SO_REUSEPORT listener at every reload: the kernel moves the\n"
+            "# connections still queued on it to the new listener instead of resetting them.\n"
+            "net.ipv4.tcp_migrate_req = 1\n")

@@ -29,6 +29,8 @@ def backup(caddyfile: str) -> str:
         lines.append(f'if [ -e {q} ]; then cp -p {q} "$B/$ts.partial/{name}"; '
                      f'else echo {name} >> "$B/$ts.partial/ABSENT"; fi')
     lines += [
+        # A runtime value, not a file: rollback sets it back.
+        f'cat {layout.MIGRATE_REQ} > "$B/$ts.partial/tcp_migrate_req" 2>/dev/null || true',
         'mv "$B/$ts.partial" "$B/$ts"',
         f'ln -sfn "$ts" {layout.BACKUP_POINTER}',
     ]
@@ -182,6 +184,7 @@ def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
         f"trap '{handover.delete_table()}; rm -f {handover.DUAL_JSON} {handover.REDIRECT_RULES} "
         f"{handover.RESTORED_CADDYFILE}' EXIT",
         f"systemctl disable -q {ALL_UNITS} 2>/dev/null || true",
+        f"migrate=$(cat {p}/tcp_migrate_req 2>/dev/null || true)",
         f"if [ -d {p}/ ]; then",
     ]
     for name, path in layout.backed_up_files(caddyfile).items():
@@ -243,6 +246,9 @@ def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
         f"for i in $(seq 1 50); do systemctl is-active -q {UNIT} || break; sleep 0.1; done",
         f"systemctl is-active -q {UNIT} && systemctl kill -s SIGKILL {UNIT}",
         f"systemctl stop {ALL_UNITS} 2>/dev/null",
+        # After Caddy's last reload of the rollback, which still wants the migration.
+        f"rm -f {layout.SYSCTL_DROPIN}",
+        f'[ -n "$migrate" ] && echo "$migrate" > {layout.MIGRATE_REQ} 2>/dev/null',
         f"systemctl reset-failed {ALL_UNITS} 2>/dev/null",
         source_routing.remove(),  # the real-address mode's policy routing, if any
         f"rm -f {p}",

@@ -346,6 +346,10 @@ class LabNode:
         t_ready = time.monotonic()
         timings = {"prepare": t_boot - t0, "ssh": t_ssh - t_boot, "ready": t_ready - t_boot}
         if s.acme:
+            self.wait_certificates([s.base_domain])
+            full = nodeconf.acme_caddyfile(s, self.acme_ca.directory_url)
+            self.ssh("cat > /etc/caddy/Caddyfile && systemctl reload caddy", input=full,
+                     check=True)
             self.wait_certificates([s.base_domain, *s.cdn_hosts])
             timings["certificates"] = time.monotonic() - t_boot
         return timings
@@ -418,7 +422,8 @@ class LabNode:
         put(nodeconf.NODE_CDN_CERT, cdn.cert_file.read_bytes(), 0o644)
         put(nodeconf.NODE_CDN_KEY, cdn.key_file.read_bytes(), 0o640, (0, turn[1]))
         put(nodeconf.NODE_TURN_SECRET, secret + "\n", 0o600)
-        put("/etc/caddy/Caddyfile", nodeconf.acme_caddyfile(s, self.acme_ca.directory_url)
+        put("/etc/caddy/Caddyfile",
+            nodeconf.acme_caddyfile(s, self.acme_ca.directory_url, stealth_names=False)
             if s.acme else nodeconf.caddyfile(s))
         put("/etc/turnserver.conf", nodeconf.turnserver_conf(s, secret), 0o640, (0, turn[1]))
         put("/etc/default/coturn", nodeconf.coturn_default())

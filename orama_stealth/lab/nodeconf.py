@@ -144,11 +144,21 @@ def caddyfile(spec: NodeSpec) -> str:
 """
 
 
-def acme_caddyfile(spec: NodeSpec, directory_url: str) -> str:
+def acme_caddyfile(spec: NodeSpec, directory_url: str, stealth_names: bool = True) -> str:
     """Caddy on :443/:80 obtaining every certificate from the lab's ACME CA, as a production
     node does from Let's Encrypt: the base name and each stealth name (so the TURN server
-    has a certificate to take over at the cutover)."""
+    has a certificate to take over at the cutover).
+
+    `stealth_names=False` is the first boot's: the base name alone. Caddy 2.6 registers one
+    ACME account per name it obtains at once while it has none stored, and saves them over
+    each other in place, which can tear the account file (docs/cutover.md); a node that got
+    its base name first, as real nodes do, has its account before the stealth names come."""
     cdn = ", ".join(spec.cdn_hosts)
+    stealth = f"""
+{cdn} {{
+\trespond 404
+}}
+""" if stealth_names else ""
     return f"""# Lab node {spec.name}: Caddy before the cutover, certificates by ACME (lab pebble).
 {{
 \tacme_ca {directory_url}
@@ -159,11 +169,7 @@ def acme_caddyfile(spec: NodeSpec, directory_url: str) -> str:
 \trespond /health "ok" 200
 \trespond "orama lab node {spec.name}: {{host}}" 200
 }}
-
-{cdn} {{
-\trespond 404
-}}
-"""
+{stealth}"""
 
 
 def turnserver_conf(spec: NodeSpec, secret: str) -> str:

@@ -70,10 +70,14 @@ def boot(root: Path, machine: str, netns_path: Path, log: Path) -> subprocess.Po
             with open(procs, "w") as fh:
                 fh.write(str(os.getpid()))
 
+    # The node has a network namespace of its own, so its /proc/sys/net is its own too: a
+    # real node's root sets net.* sysctls (the cutover sets net.ipv4.tcp_migrate_req), which
+    # nspawn mounts read-only unless told.
+    env = {**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
     with open(log, "ab") as out:
         return subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=enter_cgroups,
+            start_new_session=True, preexec_fn=enter_cgroups, env=env,
         )
 
 

@@ -60,6 +60,9 @@ def assert_cut_over(lab: Lab) -> None:
     assert ports[443] & {"orama-sni-route", "python3", "python"}, ports
     assert "caddy" in ports.get(8443, set()) and "caddy" in ports.get(8080, set()), ports
     assert lab.ssh("systemctl is-active orama-sni-router.service").strip() == "active"
+    # Caddy's reloads move queued connections to its new listener instead of resetting them.
+    assert lab.ssh("cat /proc/sys/net/ipv4/tcp_migrate_req").strip() == "1"
+    assert "tcp_migrate_req = 1" in lab.ssh("cat /etc/sysctl.d/60-orama-stealth.conf")
     base = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")
     assert base["ok"], base
     turn = lab.probe("--sni", f"cdn.{lab.base}", "--turn", "--turn-secret-file",
@@ -105,6 +108,8 @@ def assert_before_state(lab: Lab) -> None:
     assert "orama-stealth managed" not in lab.ssh("cat /etc/caddy/Caddyfile")
     assert lab.node.ssh("test -e /etc/systemd/system/caddy.service.d/orama-stealth.conf"
                         ).returncode != 0
+    assert lab.node.ssh("test -e /etc/sysctl.d/60-orama-stealth.conf").returncode != 0
+    assert lab.ssh("cat /proc/sys/net/ipv4/tcp_migrate_req").strip() == "0"  # as it was
     assert_nothing_of_the_handover(lab)
     assert "cap_net_bind_service" in lab.ssh("systemctl show -P AmbientCapabilities caddy").lower()
     report = lab.probe("--sni", lab.base, "--https", "--expect-server", "Caddy")

@@ -12,6 +12,7 @@ from orama_stealth.deploy.ops.common import (
     guarded,
     new_caddyfile,
     put,
+    read_text,
     settings,
     sh,
     snapshot,
@@ -29,6 +30,13 @@ SWITCH_TIMEOUT = 180
 def caddy_config() -> Commands:
     """Managed blocks in the Caddyfile (validated first) and Caddy's unit drop-in."""
     s = settings()
+    # Before any Caddy reload of the cutover: queued connections survive Caddy's reloads.
+    yield from put(layout.SYSCTL_DROPIN, text=render.sysctl_dropin())
+    if read_text(layout.MIGRATE_REQ).strip() == "0":
+        # Not fatal: without it a Caddy reload may reset a connection queued at that moment.
+        yield sh(f"echo 1 > {layout.MIGRATE_REQ} 2>/dev/null || echo 'orama-stealth: cannot "
+                 "set net.ipv4.tcp_migrate_req=1 here (read-only /proc/sys?): a Caddy reload may "
+                 "reset a connection queued on its old listener' >&2")
     current, new = new_caddyfile(s)
     if current != new:
         staged = stage(new, "Caddyfile")
