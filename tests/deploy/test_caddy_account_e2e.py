@@ -47,15 +47,6 @@ def _deploy(status_file: Path, wheel: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-@pytest.fixture(scope="module")
-def release_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(out), str(REPO)],
-                   check=True, timeout=300, capture_output=True)
-    return next(out.glob("orama_stealth-*.whl"))
-
-
 @pytest.mark.timeout(900)
 def test_preflight_names_a_torn_account_file(lab_nodes: Any, tmp_path: Path,
                                              release_wheel: Path) -> None:

@@ -64,15 +64,6 @@ def _allocation(status: dict[str, Any], sni: str) -> Allocation:
                     cred.password)
 
 
-@pytest.fixture(scope="module")
-def release_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(out), str(REPO)],
-                   check=True, timeout=300, capture_output=True)
-    return next(out.glob("orama_stealth-*.whl"))
-
-
 @pytest.mark.timeout(1200)
 def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
                                                 release_wheel: Path) -> None:
