@@ -7,19 +7,13 @@ lengths whose truncations both come before either write), from Caddy's own accou
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import lab as lab_fixtures
+from support.deploylab import Lab
 
-lab_nodes = lab_fixtures.lab_nodes
-
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 STORAGE = "/var/lib/caddy/.local/share/caddy"
 TEAR = r"""
@@ -37,16 +31,6 @@ os.close(b)
 """
 
 
-def _deploy(status_file: Path, wheel: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py", "deploys/cutover.py",
-            "--data", f"router_wheel={wheel}"]
-    proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=400, check=False,
-                          env={**os.environ, "ORAMA_LAB_STATUS": str(status_file)})
-    print(f"--- pyinfra cutover exit={proc.returncode}\n{proc.stdout[-2000:]}")
-    return proc
-
-
 @pytest.mark.timeout(900)
 def test_preflight_names_a_torn_account_file(lab_nodes: Any, tmp_path: Path,
                                              release_wheel: Path) -> None:
@@ -55,8 +39,8 @@ def test_preflight_names_a_torn_account_file(lab_nodes: Any, tmp_path: Path,
     status_file = tmp_path / "lab-status.json"
     status_file.write_text(json.dumps(status))
 
-    def ssh(cmd: str) -> str:
-        return str(node.ssh(cmd, check=True).stdout)
+    lab = Lab(node, status, status_file, release_wheel)
+    ssh = lab.ssh
 
     account = ssh(f"ls {STORAGE}/acme/*/users/default/default.json").strip()
     ssh(f"python3 -c {shlex.quote(TEAR)} {account}")
@@ -64,7 +48,7 @@ def test_preflight_names_a_torn_account_file(lab_nodes: Any, tmp_path: Path,
     assert torn.endswith('"\n}\n}'), torn[-20:]
     assert "Extra data" in str(node.ssh(f"python3 -m json.tool {account}", check=False).stderr)
 
-    refused = _deploy(status_file, release_wheel)
+    refused = lab.deploy("cutover", timeout=400)
     assert refused.returncode != 0
     assert f"Caddy's ACME account file {account} is not valid JSON" in refused.stdout
     assert "refused, untouched" in refused.stdout
@@ -74,6 +58,6 @@ def test_preflight_names_a_torn_account_file(lab_nodes: Any, tmp_path: Path,
     # The fix the message gives.
     key = account[:-len(".json")] + ".key"
     ssh(f"mv {account} {account}.broken && mv {key} {key}.broken && systemctl reload caddy")
-    done = _deploy(status_file, release_wheel)
+    done = lab.deploy("cutover", timeout=400)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "cut over" in done.stdout

@@ -7,7 +7,6 @@ keep connecting through :443."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -18,28 +17,18 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from support import lab as lab_fixtures
+from support.deploylab import Lab
 
 from orama_stealth.lab.clientloop import ClientLoop
 from orama_stealth.probe.turn_client import Allocation, TurnConnection, allocate
 from orama_stealth.wire import turn_auth
 from orama_stealth.wire.turn_auth import stealth_host
 
-lab_nodes = lab_fixtures.lab_nodes
-
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
-def _deploy(status_file: Path, wheel: Path, deploy: str, *data: str) -> str:
-    argv = [sys.executable, "-m", "pyinfra", "-y", "inventories/lab.py", f"deploys/{deploy}.py",
-            "--data", f"router_wheel={wheel}"]
-    for d in data:
-        argv += ["--data", d]
-    proc = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=400, check=False,
-                          env={**os.environ, "ORAMA_LAB_STATUS": str(status_file)})
-    print(f"--- pyinfra {deploy} {data} exit={proc.returncode}\n{proc.stdout[-2500:]}")
+def _deploy(lab: Lab, deploy: str, *data: str) -> str:
+    proc = lab.deploy(deploy, *data, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
 
@@ -73,8 +62,8 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
     status_file.write_text(json.dumps(status))
     base = str(status["base_domain"])
 
-    def ssh(cmd: str) -> str:
-        return str(node.ssh(cmd, check=True).stdout)
+    lab = Lab(node, status, status_file, release_wheel)
+    ssh = lab.ssh
 
     def names_served(names: list[str]) -> None:
         for name in names:
@@ -91,7 +80,7 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
 
     first = str(status["cdn_hosts"][0])
     two = [first, stealth_host("team-b", base)]
-    _deploy(status_file, release_wheel, "cutover", "namespaces=team-b")
+    _deploy(lab, "cutover", "namespaces=team-b")
     names_served(two)
 
     def main_pids() -> dict[str, str]:
@@ -107,7 +96,7 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
     with ClientLoop(str(status["address"]), 443, base, str(status["ca_file"]), interval=0.005,
                     long_lived=5, max_seconds=600) as loop:
         assert loop.check_long_lived() == [""] * 5
-        out = _deploy(status_file, release_wheel, "cutover", "namespaces=team-b,team-c,team-d")
+        out = _deploy(lab, "cutover", "namespaces=team-b,team-c,team-d")
         held = loop.check_long_lived()
     summary = loop.summary()
     refreshed = [a.refresh(600) for a in calls]
@@ -154,7 +143,7 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
             ClientLoop(str(status["address"]), 443, fourth, str(status["ca_file"]),
                        interval=0.02, http=False, max_seconds=600) as turn_loop:
         assert loop.check_long_lived() == [""] * 5
-        _deploy(status_file, release_wheel, "cutover", "namespaces=team-b,team-d")
+        _deploy(lab, "cutover", "namespaces=team-b,team-d")
         held = loop.check_long_lived()
     summary, turn_summary = loop.summary(), turn_loop.summary()
     refreshed = [a.refresh(600) for a in calls]
@@ -184,7 +173,7 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
     names_served(left_names)
 
     # Rollback removes every instance, unit, config and copy.
-    _deploy(status_file, release_wheel, "rollback")
+    _deploy(lab, "rollback")
     left = ssh("ls /etc/orama/turn-tls /etc/systemd/system/orama-turn-* "
                "/etc/systemd/system/multi-user.target.wants/orama-turn-* 2>/dev/null; "
                "systemctl list-units --all --plain --no-legend 'orama-turn-*' | wc -l; "
