@@ -154,6 +154,11 @@ CADDY_CAN_BIND = ("{ c=$(awk '/^CapEff/ {print $2}' /proc/$(systemctl show -P Ma
                   "[ $(( 0x$c & 0x400 )) -ne 0 ]; }")
 
 
+# The router still has processes: `is-active` is false while it drains ("deactivating").
+ROUTER_UP = (f"systemctl show -P ActiveState {UNIT} | "
+             "grep -qxE 'active|activating|deactivating|reloading'")
+
+
 # A listening socket's Recv-Q is its accept queue: connections the kernel completed that no
 # process has accepted yet.
 QUEUED = "ss -ltnH '( sport = :443 or sport = :80 )' | awk '$2 > 0 {q=1} END {exit !q}'"
@@ -217,9 +222,16 @@ def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
         '  if [ "$handed" = 1 ]; then',
         f"    sleep 0.2; for i in $(seq 1 20); do {QUEUED} || break; sleep 0.1; done",
         "  fi",
+        # The socket units' copies of :443/:80 would stay open until the router's drain ends
+        # (their stop is ordered after the service's): close them now, apart from the service.
+        f"  systemctl stop --no-block --job-mode=ignore-dependencies {SOCKETS} 2>/dev/null",
         # A stop job (not a kill): Restart=always must not bring the router back.
         f"  systemctl stop --no-block {ALL_UNITS}",
         f"  for i in $(seq 1 100); do {held} || break; sleep 0.1; done",
+        # A router that has not let go is being removed anyway, and new connections are
+        # redirected to Caddy or about to meet it: end it rather than leave Caddy no port.
+        f"  if {held}; then systemctl kill -s SIGKILL {UNIT};",
+        f"    for i in $(seq 1 50); do {held} || break; sleep 0.1; done; fi",
         "fi",
         'if [ "$handed" = 1 ]; then',
         # Caddy binds :443/:80 beside its current ports (the drop-in kept its capability),
@@ -241,10 +253,11 @@ def rollback(caddyfile: str, state_json: str, https_from: int = 8443,
         f"  {handover.delete_table()}",
         "  systemctl restart caddy.service || exit 1",
         "fi",
-        # Caddy's restart closed every relayed connection to it; give the drain a few seconds
-        # for the rest, then end it (the pending stop job keeps Restart=always from acting).
-        f"for i in $(seq 1 50); do systemctl is-active -q {UNIT} || break; sleep 0.1; done",
-        f"systemctl is-active -q {UNIT} && systemctl kill -s SIGKILL {UNIT}",
+        # Connections the router still relays go with it: a few seconds to finish, then it is
+        # ended rather than waited for through drain_timeout (the pending stop job keeps
+        # Restart=always from acting).
+        f"for i in $(seq 1 50); do {ROUTER_UP} || break; sleep 0.1; done",
+        f"{ROUTER_UP} && systemctl kill -s SIGKILL {UNIT}",
         f"systemctl stop {ALL_UNITS} 2>/dev/null",
         # After Caddy's last reload of the rollback, which still wants the migration.
         f"rm -f {layout.SYSCTL_DROPIN}",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -214,8 +216,37 @@ def test_rollback_converges_after_a_cutover_killed_after_each_step(lab: Lab) -> 
             proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         back = lab.deploy("rollback")
-        assert back.returncode == 0, f"rollback after a cutover killed after {step}"
+        assert back.returncode == 0, (
+            f"rollback after a cutover killed after {step}; the node's journal:\n"
+            + lab.ssh("journalctl -n 60 -o short-precise --no-pager | grep -v sshd"))
         assert_before_state(lab)
+
+
+DRAIN_TIMEOUT = 30.0  # the router's default, as the lab's config leaves it
+
+
+def test_rollback_does_not_wait_for_the_connections_the_router_relays(lab: Lab) -> None:
+    # A call in progress (TLS to the TURN server) and an idle HTTPS keep-alive, both relayed
+    # by the router: the rollback neither waits drain_timeout for them nor leaves Caddy
+    # without :443 while they end.
+    assert lab.deploy("cutover").returncode == 0
+    ctx = ssl.create_default_context(cafile=str(lab.status["ca_file"]))
+    held = []
+    try:
+        for name in (lab.base, f"cdn.{lab.base}"):
+            raw = socket.create_connection((lab.address, 443), timeout=10)
+            held.append(ctx.wrap_socket(raw, server_hostname=name))
+        held[0].sendall(f"GET / HTTP/1.1\r\nHost: {lab.base}\r\n\r\n".encode())
+        assert held[0].recv(64).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        measured(lab, "rollback")
+        took = time.monotonic() - start
+    finally:
+        for conn in held:
+            conn.close()
+    print(f"FIGURES rollback with 2 relayed connections open: {took:.1f}s")
+    assert took < DRAIN_TIMEOUT - 5, f"the rollback waited for the router's drain: {took:.1f}s"
+    assert_before_state(lab)
 
 
 def test_failed_verify_rolls_back_and_exits_non_zero(lab: Lab, tmp_path: Path) -> None:
