@@ -10,6 +10,8 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,27 @@ def measured(loop: ClientLoop, what: str) -> None:
     assert s.slowest_handshake < 0.5, f"{what}: {s.line()}"
 
 
+def _ts(line: str) -> datetime:
+    stamp = next(f for f in line.split() if f.startswith("ts="))[3:]
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def old_workers_lived(lab: Lab, build: str, within: float = 45.0) -> float:
+    """Seconds from the upgrade to build `build` until its last old worker exited, read from
+    the router's journal (the old workers keep the connections they had until these end)."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = lab.ssh("journalctl -u orama-sni-router -o cat --no-pager").splitlines()
+        up = max(i for i, line in enumerate(lines)
+                 if "event=upgraded" in line and f"build={build}" in line)
+        gone = [line for line in lines[up:] if "event=old_worker_exited" in line
+                and "left=0" in line]
+        if gone:
+            return (_ts(gone[0]) - _ts(lines[up])).total_seconds()
+        assert time.monotonic() < deadline, "old workers still alive:\n" + "\n".join(lines[up:])
+        time.sleep(0.5)
+
+
 def test_reload_and_upgrade_refuse_nothing_and_keep_open_connections(
         lab: Lab, tmp_path: Path) -> None:
     assert lab.deploy("cutover").returncode == 0
@@ -84,6 +107,9 @@ def test_reload_and_upgrade_refuse_nothing_and_keep_open_connections(
     assert status["ok"] is True and status["build"] == build and str(status["pid"]) == pid
     journal = lab.ssh("journalctl -u orama-sni-router -o cat --no-pager")
     assert "event=upgraded" in journal and f"build={build}" in journal, journal[-3000:]
+    # The long-lived connections closed with the client loop: the old workers follow them.
+    print(f"FIGURES upgrade: old workers lived {old_workers_lived(lab, build):.1f}s "
+          "(until the long-lived connections they held were closed)")
 
     broken = build_variant(tmp_path / "broken", "def broken(:")
     with ClientLoop(lab.address, 443, lab.base, ca, max_seconds=240) as loop:
