@@ -161,12 +161,15 @@ def test_upgrade_from_the_release_before_in_place_upgrades(lab: Lab, tmp_path: P
     assert first.returncode == 0, first.stdout[-3000:]
     assert lab.node.ssh("test -e /run/orama-sni-router/status.json").returncode != 0
     pid = main_pid(lab)
+    caddy = lab.ssh("systemctl show -p MainPID --value caddy").strip()
 
     ca = str(lab.status["ca_file"])
     with ClientLoop(lab.address, 443, lab.base, ca, max_seconds=240) as loop:
         upgrade = lab.deploy("cutover")
     assert upgrade.returncode == 0, upgrade.stdout[-3000:]
     assert "predates in-place upgrades" in upgrade.stdout
+    # Only the router restarts: the new drop-in is ordering, which needs no new Caddy.
+    assert lab.ssh("systemctl show -p MainPID --value caddy").strip() == caddy
     measured(loop, "upgrade from the previous release")
     assert main_pid(lab) != pid
     status = json.loads(lab.ssh("cat /run/orama-sni-router/status.json"))

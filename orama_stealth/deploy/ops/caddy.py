@@ -49,7 +49,12 @@ def caddy_config() -> Commands:
         ))
     else:
         host.noop(f"{s.caddyfile} has the current managed blocks")
-    yield from put(layout.CADDY_DROPIN, text=render.caddy_dropin(s))
+    dropin = list(put(layout.CADDY_DROPIN, text=render.caddy_dropin(s)))
+    if dropin:
+        yield from dropin
+        # The drop-in holds ordering only, which a daemon-reload applies. Left pending, it
+        # would make a cut-over node look half-switched, and the switch restart Caddy.
+        yield sh("systemctl daemon-reload")
 
 
 @operation()
