@@ -186,8 +186,15 @@ class ClientLoop:
         self.stop()
 
         async def close_held() -> None:
+            # A TLS transport closes only once its close_notify went out, which needs the
+            # loop: stopping the loop first would leave the sockets open (and a server's
+            # connections with them) until the process exits.
             for _reader, writer in self._held:
                 writer.close()
+            for _reader, writer in self._held:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+                writer.transport.abort()  # a peer that never answered the close
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close_held(), self._loop).result(5)

@@ -4,6 +4,7 @@ client sees, and it notices a server that stops answering."""
 from __future__ import annotations
 
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -79,3 +80,26 @@ def test_a_wrong_name_and_a_closed_port_are_failures(https: ThreadingHTTPServer,
                     max_connects=3) as loop:
         time.sleep(0.3)
     assert loop.summary().errors == {"refused": 3}
+
+
+
+def _client_sockets(port: int) -> list[str]:
+    """This machine's client-side TCP sockets to `port` in any state but TIME-WAIT (a socket
+    the client never closed stays in CLOSE-WAIT once the server has closed its side)."""
+    out = subprocess.run(["ss", "-Htan", f"( dport = :{port} )"], capture_output=True,
+                         text=True, check=True).stdout
+    return [line for line in out.splitlines() if not line.startswith("TIME-WAIT")]
+
+
+def test_the_long_lived_connections_are_closed_when_the_loop_ends(
+        https: ThreadingHTTPServer, pki: Pki) -> None:
+    # A socket left open would hold a router's draining worker until a timeout.
+    port = https.server_address[1]
+    with ClientLoop("127.0.0.1", port, "example.test", str(pki.ca_file), interval=0.05,
+                    long_lived=3, max_seconds=0.5) as loop:
+        assert loop.check_long_lived() == ["", "", ""]
+        assert len(_client_sockets(port)) >= 3
+    deadline = time.monotonic() + 3
+    while _client_sockets(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _client_sockets(port) == []
