@@ -117,6 +117,7 @@ def test_reload_and_upgrade_refuse_nothing_and_keep_open_connections(
     assert failed.returncode != 0
     assert "did not take build" in failed.stdout
     assert "SyntaxError" in failed.stdout, failed.stdout[-3000:]
+    assert "the running router serves :443 on" in failed.stdout, failed.stdout[-1000:]
     measured(loop, "failed upgrade")
     assert main_pid(lab) == pid
     assert running_build(lab) == after, "the broken build was left installed"

@@ -34,13 +34,18 @@ RESTART_TIMEOUT = 300
 @guarded
 def install_router() -> Commands:
     """Upload the wheels and install the router into /opt/orama when the build changed."""
-    if executing():
-        runlog.verdict(runlog.HALF_WAY, "installing the router: Caddy still serves :443; run "
-                       "deploys/rollback.py or the cutover again")
     s = settings()
+    snap = snapshot(s)
+    if executing():
+        # An upgrade that fails here never replaced the running router (install_router's
+        # script puts the previous build back).
+        runlog.verdict(runlog.HALF_WAY, "installing the router: " + (
+            "the running router serves :443 on; run the cutover again from a good checkout"
+            if snap.cut_over else
+            "Caddy still serves :443; run deploys/rollback.py or the cutover again"))
     wheels = wheel_set(render.project_root(),
                        Path(s.router_wheel).expanduser() if s.router_wheel else None)
-    if snapshot(s).installed == wheels.fingerprint:
+    if snap.installed == wheels.fingerprint:
         host.noop(f"router build {wheels.fingerprint} is installed")
         return
     wheel_dir = f"{layout.WHEELS}/{wheels.fingerprint}"
