@@ -194,7 +194,8 @@ class ClientLoop:
             for _reader, writer in self._held:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.wait_closed(), 1.0)
-                writer.transport.abort()  # a peer that never answered the close
+                with contextlib.suppress(Exception):
+                    writer.transport.abort()  # a peer that never answered the close
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close_held(), self._loop).result(5)
