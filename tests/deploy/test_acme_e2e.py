@@ -68,7 +68,10 @@ class AcmeLab(Lab):
         self.ssh("sed -i '/^\\ttls {/,/^\\t}/d' /etc/caddy/Caddyfile && "
                  f"sed -i 's|^{self.cdn} {{$|&\\n{tls}|' /etc/caddy/Caddyfile && "
                  "caddy validate --adapter caddyfile --config /etc/caddy/Caddyfile >/dev/null 2>&1"
-                 f" && rm -rf {self.node.caddy_cert_dir()}/{name} && systemctl restart caddy")
+                 # Stopped before the files go: a Caddy still finishing an earlier order would
+                 # otherwise write its certificate back, and the new Caddy would use it.
+                 f" && systemctl stop caddy && rm -rf {self.node.caddy_cert_dir()}/{name}"
+                 " && systemctl start caddy")
         # Done when Caddy holds a certificate newer than the one it had and :443 serves that
         # one: a copy still arriving from an earlier round must not count as this renewal.
         t0 = time.monotonic()
@@ -91,9 +94,15 @@ class AcmeLab(Lab):
         return int(x509.load_pem_x509_certificate(proc.stdout.encode()).serial_number)
 
     def challenges_used(self, since: str) -> set[str]:
-        out = self.ssh(f"journalctl -u caddy -o cat --since '{since}' | "
-                       "grep -o '\"challenge_type\":\"[a-z0-9-]*\"' || true")
-        return {line.split('"')[3] for line in out.split()}
+        # journald takes Caddy's lines from a stream: give a late one a few seconds.
+        deadline = time.monotonic() + 10
+        while True:
+            out = self.ssh(f"journalctl -u caddy -o cat --since '{since}' | "
+                           "grep -o '\"challenge_type\":\"[a-z0-9-]*\"' || true")
+            used = {line.split('"')[3] for line in out.split()}
+            if used or time.monotonic() > deadline:
+                return used
+            time.sleep(0.5)
 
 
 @pytest.fixture
