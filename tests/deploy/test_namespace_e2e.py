@@ -64,7 +64,7 @@ CADDY_RELOAD_ALERT = "tls:TLSV1_ALERT_INTERNAL_ERROR"
 def assert_nothing_failed_but_caddys_reload(summary: Summary) -> None:
     others = {k: v for k, v in summary.errors.items() if k != CADDY_RELOAD_ALERT}
     assert not others, summary.line()
-    # Caddy's moment: a few milliseconds, one per reload.
+    # Caddy's moment is a few milliseconds per reload: a short window, a handful of alerts.
     assert summary.window < 0.5 and summary.errors.get(CADDY_RELOAD_ALERT, 0) <= 10, \
         summary.line()
 

@@ -82,7 +82,6 @@ def test_a_wrong_name_and_a_closed_port_are_failures(https: ThreadingHTTPServer,
     assert loop.summary().errors == {"refused": 3}
 
 
-
 def _client_sockets(port: int) -> list[str]:
     """This machine's client-side TCP sockets to `port` in any state but TIME-WAIT (a socket
     the client never closed stays in CLOSE-WAIT once the server has closed its side)."""
